@@ -1,0 +1,117 @@
+"""`ccexecd`: the embedded Circus arbiter that owns the port and every process.
+
+Steps, in order: read the config and apply the command line; make sure the
+port is free (or say exactly who holds it); write the effective config; hand
+it to Circus, which binds the socket, starts broker, executors, handlers and
+the watchdog plugin, and runs until SIGTERM/SIGINT stops them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+import click
+import psutil
+
+from ccexec import __version__, config, logs
+
+log = logging.getLogger("ccexec.arbiter")
+
+
+class PortHeld(Exception):
+    pass
+
+
+def port_holder(host: str, port: int) -> psutil.Process | None:
+    """The process listening on host:port, if this user may see it."""
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            if conn.laddr.ip in (host, "0.0.0.0", "::") or host in ("0.0.0.0", "::"):
+                try:
+                    return psutil.Process(conn.pid)
+                except psutil.Error:
+                    return None
+    return None
+
+
+def check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind((host, port))
+    except OSError as exc:
+        holder = port_holder(host, port)
+        who = (f"PID {holder.pid} ({' '.join(holder.cmdline()) or holder.name()})"
+               if holder else "a process this user cannot see")
+        raise PortHeld(f"{host}:{port} is already in use by {who}: {exc.strerror}") from None
+    finally:
+        probe.close()
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare(config_file: str | None, **overrides) -> tuple[config.Settings, str]:
+    """Resolve the configuration and write the effective file Circus loads."""
+    ini = config.read_ini(config_file)
+    config.apply_overrides(ini, **overrides)
+    settings = config.settings_from_ini(ini)
+    if settings.watchdog_port == 0:
+        ini.set("ccexec", "watchdog_port", str(free_udp_port()))
+    ini.set("ccexec", "state_dir", settings.state_dir)
+    ini.set("ccexec", "workdir", settings.workdir)
+    ini.set("circus", "loglevel", settings.log_level)
+    settings = config.settings_from_ini(ini)
+    config.ensure_dirs(settings)
+    path = os.path.join(settings.run_dir, "ccexec.ini")
+    config.write_effective(ini, path)
+    os.environ.update({
+        "CCEXEC_PYTHON": sys.executable, "CCEXEC_RUN_DIR": settings.run_dir,
+        "CCEXEC_CONFIG": path, "CCEXEC_WATCHDOG_PORT": str(settings.watchdog_port),
+    })
+    return settings, path
+
+
+def run_circus(path: str) -> int:
+    from circus.arbiter import Arbiter
+    from circus.util import check_future_exception_and_log
+
+    arbiter = Arbiter.load_from_config(path)
+    future = arbiter.start()
+    return 1 if check_future_exception_and_log(future) is not None else 0
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="Config file (Circus ini + [ccexec]); default: the built-in etc/ccexec.ini.")
+@click.option("--host", help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port to listen on (default 8004).")
+@click.option("--handlers", type=click.IntRange(1, 64), help="WebSocket handler processes.")
+@click.option("--executors", type=click.IntRange(1, 256), help="Executor processes.")
+@click.option("--state-dir", type=click.Path(file_okay=False), help="Journals, run directory, records.")
+@click.option("--log-level", type=click.Choice(config.LOG_LEVELS, case_sensitive=False))
+@click.version_option(__version__, prog_name="ccexecd")
+def main(config_file, host, port, handlers, executors, state_dir, log_level) -> None:
+    """Run the ccexec daemon in the foreground."""
+    try:
+        settings, path = prepare(config_file, host=host, port=port, handlers=handlers,
+                                 executors=executors, state_dir=state_dir,
+                                 log_level=log_level.lower() if log_level else None)
+        logs.setup("arbiter", settings.log_level)
+        check_port_free(settings.host, settings.port)
+    except (config.ConfigError, PortHeld) as exc:
+        click.echo(f"ccexecd: {exc}", err=True)
+        sys.exit(2 if isinstance(exc, config.ConfigError) else 1)
+    logs.event(log, "daemon.starting", version=__version__, pid=os.getpid(),
+               listen=f"{settings.host}:{settings.port}", handlers=settings.handlers,
+               executors=settings.executors, state_dir=settings.state_dir)
+    status = run_circus(path)
+    logs.event(log, "daemon.stopped", pid=os.getpid(), status=status)
+    sys.exit(status)

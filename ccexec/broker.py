@@ -1,0 +1,490 @@
+"""The broker: job table, FIFO queue and routing between handlers and executors.
+
+A ZeroMQ ROUTER broker in the shape of the guide's Paranoid Pirate and
+Majordomo patterns: one poll loop, two ROUTER faces (handlers in front,
+executors behind), peers tracked by heartbeat and liveness deadlines, every
+step a named method. The broker holds nothing that cannot be rebuilt: after
+a restart, executors report their running jobs and handlers resubmit what
+they still wait for (both on REREGISTER).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import signal
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import zmq
+
+from ccexec import bus, config, logs, protocol
+from ccexec.liveness import WatchdogPulse
+
+log = logging.getLogger("ccexec.broker")
+
+PEER_TIMEOUT = bus.HEARTBEAT_INTERVAL * bus.HEARTBEAT_LIVENESS
+FINISHED_KEPT = 10000  # finished job records kept in memory for sequencing and status
+
+
+@dataclass
+class Peer:
+    identity: bytes
+    last_seen: float
+    capacity: int = 0
+    jobs: set[str] = field(default_factory=set)
+    connections: int = 0
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.jobs)
+
+
+@dataclass
+class Job:
+    job_id: str
+    spec: dict
+    owner: bytes | None
+    client: str | None = None
+    after: str | None = None
+    state: str = "queued"  # held | queued | dispatched | running | finished
+    executor: bytes | None = None
+    pid: int | None = None
+    pgid: int | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    subscribers: set[bytes] = field(default_factory=set)
+    grace_deadline: float | None = None
+    position: int | None = None
+
+
+class Broker:
+    def __init__(self, settings: config.Settings, ctx: zmq.Context):
+        self.settings = settings
+        self.frontend = self._bind(ctx, bus.frontend_endpoint(settings.run_dir))
+        self.backend = self._bind(ctx, bus.backend_endpoint(settings.run_dir))
+        self.handlers: dict[bytes, Peer] = {}
+        self.executors: dict[bytes, Peer] = {}
+        self.jobs: dict[str, Job] = {}
+        self.finished: OrderedDict[str, dict] = OrderedDict()
+        self.queue: deque[str] = deque()
+        self.held: dict[str, list[str]] = {}  # predecessor -> jobs sequenced after it
+        self.pending_controls: dict[str, bytes] = {}  # control ref -> handler
+        self.timers: list[tuple[float, str, str]] = []  # (deadline, kind, job_id)
+        self.totals: dict[str, int] = {}
+        self.started_at = time.time()
+        self.next_heartbeat = 0.0
+        self.positions_dirty = False
+        self.running = True
+        self.pulse = WatchdogPulse(settings.watchdog_port) if settings.watchdog_port else None
+
+    @staticmethod
+    def _bind(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+        sock = ctx.socket(zmq.ROUTER)
+        bus.tune(sock)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        path = endpoint[len("ipc://"):]
+        if os.path.exists(path):  # left by a killed broker; the arbiter owns the run dir
+            os.unlink(path)
+        sock.bind(endpoint)
+        return sock
+
+    # ------------------------------------------------------------ main loop
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        logs.event(log, "broker.started", pid=os.getpid())
+        while self.running:
+            timeout = max(0.0, min(self.next_heartbeat, self._next_timer()) - time.monotonic())
+            events = dict(poller.poll(timeout * 1000))
+            if self.backend in events:
+                self._drain(self.backend, self.on_executor_message)
+            if self.frontend in events:
+                self._drain(self.frontend, self.on_handler_message)
+            self.run_due_timers()
+            self.send_heartbeats_if_due()
+            self.publish_positions()
+            if self.pulse:
+                self.pulse.beat_if_due()
+        logs.event(log, "broker.stopped", pid=os.getpid())
+
+    @staticmethod
+    def _drain(sock: zmq.Socket, handle, budget: int = 1000) -> None:
+        """Handle up to `budget` waiting messages, so neither face starves."""
+        for _ in range(budget):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity, rest = frames[0], frames[1:]
+            try:
+                kind, header, payload = bus.unpack(rest)
+                handle(identity, kind, header, payload)
+            except (ValueError, KeyError, TypeError) as exc:
+                logs.event(log, "broker.bad_message", logging.WARNING,
+                           peer=identity.decode(errors="replace"), error=exc)
+
+    def stop(self, *_: object) -> None:
+        self.running = False
+
+    # ------------------------------------------------------------ sending
+
+    def _send(self, sock: zmq.Socket, identity: bytes, frames: list[bytes]) -> bool:
+        """Send without ever blocking the loop; False if the peer is gone or full."""
+        try:
+            sock.send_multipart([identity, *frames], zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return False
+            raise
+
+    def to_handler(self, identity: bytes, kind: bytes, header: dict, *payload: bytes) -> None:
+        if not self._send(self.frontend, identity, bus.pack(kind, header, *payload)) and kind != bus.OUTPUT:
+            # Output is in the journal and is re-read from there; anything
+            # else is lost only for a handler that is dead or frozen, whose
+            # clients reconnect and attach.
+            logs.event(log, "broker.handler_unreachable", logging.WARNING,
+                       handler=identity.decode(errors="replace"), message=kind.decode())
+
+    def to_subscribers(self, job: Job, kind: bytes, header: dict, *payload: bytes) -> None:
+        frames = bus.pack(kind, header, *payload)
+        for identity in list(job.subscribers):
+            self._send(self.frontend, identity, frames)
+
+    def to_executor(self, identity: bytes, kind: bytes, header: dict) -> bool:
+        return self._send(self.backend, identity, bus.pack(kind, header))
+
+    # ------------------------------------------------------------ handlers
+
+    def on_handler_message(self, identity: bytes, kind: bytes, header: dict, payload: list[bytes]) -> None:
+        peer = self.handlers.get(identity)
+        if kind == bus.READY:
+            self.register_handler(identity, header)
+            return
+        if peer is None:
+            self.to_handler(identity, bus.REREGISTER, {})
+            return
+        peer.last_seen = time.monotonic()
+        if kind == bus.HEARTBEAT:
+            peer.connections = int(header.get("connections", 0))
+        elif kind == bus.SUBMIT:
+            self.submit(identity, header)
+        elif kind == bus.CONTROL:
+            self.control(identity, header)
+        elif kind == bus.DETACH:
+            for job_id in header.get("job_ids", []):
+                self.unsubscribe(identity, job_id)
+        elif kind == bus.SUBSCRIBE:
+            for job_id in header.get("job_ids", []):
+                self.subscribe(identity, job_id)
+
+    def register_handler(self, identity: bytes, header: dict) -> None:
+        self.handlers[identity] = Peer(identity, time.monotonic(),
+                                       connections=int(header.get("connections", 0)))
+        for job_id in header.get("jobs", []):
+            self.subscribe(identity, job_id)
+        logs.event(log, "handler.registered", handler=identity.decode())
+        self.to_handler(identity, bus.HEARTBEAT, self.stats())
+
+    def subscribe(self, identity: bytes, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            done = self.finished.get(job_id)
+            if done is not None:  # finished while nobody watched: say so now
+                self.to_handler(identity, bus.COMPLETED, done)
+            return
+        job.subscribers.add(identity)
+        job.grace_deadline = None
+
+    def unsubscribe(self, identity: bytes, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        job.subscribers.discard(identity)
+        if not job.subscribers and not job.spec.get("detach"):
+            job.grace_deadline = time.monotonic() + self.settings.detach_grace
+            heapq.heappush(self.timers, (job.grace_deadline, "detach_grace", job_id))
+
+    def submit(self, identity: bytes, header: dict) -> None:
+        job_id = bus.header_field(header, "job_id", str)
+        if job_id in self.jobs or job_id in self.finished:
+            self.subscribe(identity, job_id)  # a resubmission after a broker restart
+            return
+        waiting = sum(1 for j in self.jobs.values() if j.state in ("queued", "held"))
+        if waiting >= self.settings.max_queue and not self._free_executor():
+            retry_after = 1 + waiting // max(1, self.capacity())
+            self.to_handler(identity, bus.REJECTED, {
+                "job_id": job_id, "code": protocol.SERVER_BUSY,
+                "message": f"Server busy: {waiting} jobs already wait in the queue",
+                "data": {"retry_after": retry_after, "queued": waiting}})
+            return
+        job = Job(job_id, bus.header_field(header, "spec", dict), identity,
+                  client=header.get("client"), after=header.get("after"))
+        job.subscribers.add(identity)
+        self.jobs[job_id] = job
+        logs.event(log, "job.accepted", job_id=job_id, client=job.client,
+                   name=job.spec.get("name"))
+        predecessor = self.jobs.get(job.after) if job.after else None
+        if predecessor is not None:
+            job.state = "held"
+            self.held.setdefault(predecessor.job_id, []).append(job_id)
+            self.to_subscribers(job, bus.QUEUED, {"job_id": job_id, "position": None, "after": job.after})
+        else:
+            self.enqueue(job)
+
+    def enqueue(self, job: Job) -> None:
+        job.state = "queued"
+        self.queue.append(job.job_id)
+        self.dispatch()
+        if job.state == "queued":
+            self.positions_dirty = True
+
+    def control(self, identity: bytes, header: dict) -> None:
+        job_id, action = bus.header_field(header, "job_id", str), bus.header_field(header, "action", str)
+        ref = str(header.get("ref", ""))
+        job = self.jobs.get(job_id)
+        reply = {"job_id": job_id, "action": action, "ref": ref}
+        if job is None:
+            self.to_handler(identity, bus.CONTROL_RESULT, {**reply, "ok": False,
+                            "code": protocol.JOB_NOT_FOUND, "error": f"job {job_id} is not running"})
+        elif job.state in ("running", "dispatched") and job.executor is not None:
+            self.pending_controls[ref] = identity
+            self.to_executor(job.executor, bus.CONTROL, reply)
+        elif action == "CANCEL":
+            self.to_handler(identity, bus.CONTROL_RESULT, {**reply, "ok": True, "status": "canceled",
+                            "pid": None, "pgid": None})
+            self.finish_unstarted(job, "canceled", "canceled before it started")
+        else:
+            self.to_handler(identity, bus.CONTROL_RESULT, {**reply, "ok": False,
+                            "code": protocol.JOB_NOT_FOUND, "error": f"job {job_id} has not started yet"})
+
+    # ------------------------------------------------------------ executors
+
+    def on_executor_message(self, identity: bytes, kind: bytes, header: dict, payload: list[bytes]) -> None:
+        if kind == bus.READY:
+            self.register_executor(identity, header)
+            return
+        peer = self.executors.get(identity)
+        if peer is None:
+            self.to_executor(identity, bus.REREGISTER, {})
+            return
+        peer.last_seen = time.monotonic()
+        if kind == bus.OUTPUT:
+            job = self.jobs.get(header.get("job_id"))
+            if job is not None:
+                self.to_subscribers(job, bus.OUTPUT, header, *payload)
+        elif kind == bus.STARTED:
+            self.on_started(header)
+        elif kind == bus.COMPLETED:
+            self.on_completed(identity, header)
+        elif kind == bus.CONTROL_RESULT:
+            handler = self.pending_controls.pop(str(header.get("ref", "")), None)
+            if handler is not None:
+                self.to_handler(handler, bus.CONTROL_RESULT, header)
+
+    def register_executor(self, identity: bytes, header: dict) -> None:
+        peer = Peer(identity, time.monotonic(), capacity=int(header.get("capacity", 1)))
+        self.executors[identity] = peer
+        for running in header.get("jobs", []):
+            self.adopt(peer, running)
+        for completed in header.get("completed", []):
+            self.on_completed(identity, completed)
+        logs.event(log, "executor.registered", executor=identity.decode(),
+                   capacity=peer.capacity, running=len(peer.jobs))
+        self.dispatch()
+
+    def adopt(self, peer: Peer, running: dict) -> None:
+        """A job an executor runs that this broker (restarted) did not know."""
+        job_id = running["job_id"]
+        job = self.jobs.get(job_id)
+        if job is None:
+            job = Job(job_id, running.get("spec", {}), None)
+            self.jobs[job_id] = job
+            if job_id in self.queue:
+                self.queue.remove(job_id)
+        job.state, job.executor = "running", peer.identity
+        job.pid, job.pgid, job.started_at = running.get("pid"), running.get("pgid"), running.get("started_at")
+        peer.jobs.add(job_id)
+
+    def on_started(self, header: dict) -> None:
+        job = self.jobs.get(header.get("job_id"))
+        if job is None:
+            return
+        job.state, job.pid, job.pgid = "running", header.get("pid"), header.get("pgid")
+        job.started_at = header.get("started_at")
+        logs.event(log, "job.started", job_id=job.job_id, pid=job.pid,
+                   queue_wait=round(time.time() - job.created_at, 3))
+        self.to_subscribers(job, bus.STARTED, header)
+
+    def on_completed(self, identity: bytes, header: dict) -> None:
+        job_id = bus.header_field(header, "job_id", str)
+        self.to_executor(identity, bus.COMPLETED_ACK, {"job_id": job_id})
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        self.finish(job, header)
+
+    def finish(self, job: Job, completed: dict) -> None:
+        job.state = "finished"
+        self.jobs.pop(job.job_id, None)
+        if job.executor in self.executors:
+            self.executors[job.executor].jobs.discard(job.job_id)
+        self.finished[job.job_id] = completed
+        while len(self.finished) > FINISHED_KEPT:
+            self.finished.popitem(last=False)
+        reason = completed.get("reason", "exit")
+        self.totals[reason] = self.totals.get(reason, 0) + 1
+        logs.event(log, "job.finished", job_id=job.job_id, exit=completed.get("exit_code"),
+                   reason=reason, duration=completed.get("execution_time"),
+                   stdout_bytes=completed.get("stdout_bytes"), stderr_bytes=completed.get("stderr_bytes"),
+                   error=completed.get("error"))
+        self.to_subscribers(job, bus.COMPLETED, completed)
+        for successor in self.held.pop(job.job_id, []):
+            if successor in self.jobs:
+                self.enqueue(self.jobs[successor])
+        self.dispatch()
+
+    def finish_unstarted(self, job: Job, reason: str, error: str) -> None:
+        if job.job_id in self.queue:
+            self.queue.remove(job.job_id)
+            self.positions_dirty = True
+        self.finish(job, {
+            "job_id": job.job_id, "pid": None, "pgid": None, "exit_code": -signal.SIGTERM,
+            "reason": reason, "error": error, "execution_time": 0.0,
+            "stdout_bytes": 0, "stderr_bytes": 0})
+
+    # ------------------------------------------------------------ scheduling
+
+    def capacity(self) -> int:
+        return sum(p.capacity for p in self.executors.values())
+
+    def _free_executor(self) -> Peer | None:
+        best = max(self.executors.values(), key=lambda p: p.free, default=None)
+        return best if best is not None and best.free > 0 else None
+
+    def dispatch(self) -> None:
+        """Start queued jobs, oldest first, on the least loaded executors."""
+        while self.queue:
+            executor = self._free_executor()
+            if executor is None:
+                return
+            job = self.jobs.get(self.queue.popleft())
+            if job is None or job.state != "queued":
+                continue
+            self.positions_dirty = True
+            if not self.to_executor(executor.identity, bus.DISPATCH, {"job_id": job.job_id, "spec": job.spec}):
+                self.queue.appendleft(job.job_id)
+                self.lose_executor(executor.identity, "unreachable")
+                continue
+            job.state, job.executor, job.position = "dispatched", executor.identity, None
+            executor.jobs.add(job.job_id)
+
+    def publish_positions(self) -> None:
+        """Tell waiting jobs their new place in the queue, once per loop turn."""
+        if not self.positions_dirty:
+            return
+        self.positions_dirty = False
+        for position, job_id in enumerate(self.queue, start=1):
+            job = self.jobs.get(job_id)
+            if job is not None and job.position != position:
+                job.position = position
+                self.to_subscribers(job, bus.QUEUED, {"job_id": job_id, "position": position})
+
+    # ------------------------------------------------------------ liveness
+
+    def send_heartbeats_if_due(self) -> None:
+        now = time.monotonic()
+        if now < self.next_heartbeat:
+            return
+        self.next_heartbeat = now + bus.HEARTBEAT_INTERVAL
+        for identity, peer in list(self.executors.items()):
+            if now - peer.last_seen > PEER_TIMEOUT:
+                self.lose_executor(identity, "heartbeat timeout")
+            else:
+                self.to_executor(identity, bus.HEARTBEAT, {})
+        stats = self.stats()
+        for identity, peer in list(self.handlers.items()):
+            if now - peer.last_seen > PEER_TIMEOUT:
+                self.lose_handler(identity)
+            else:
+                self.to_handler(identity, bus.HEARTBEAT, stats)
+
+    def lose_executor(self, identity: bytes, why: str) -> None:
+        """An executor died: its jobs end `lost`, their process groups killed."""
+        peer = self.executors.pop(identity, None)
+        if peer is None:
+            return
+        logs.event(log, "executor.lost", logging.WARNING, executor=identity.decode(),
+                   why=why, jobs=len(peer.jobs))
+        for job_id in list(peer.jobs):
+            job = self.jobs.get(job_id)
+            if job is None:
+                continue
+            if job.pgid:
+                try:
+                    os.killpg(job.pgid, signal.SIGKILL)
+                except OSError:
+                    pass
+            self.finish(job, {
+                "job_id": job_id, "pid": job.pid, "pgid": job.pgid, "exit_code": -signal.SIGKILL,
+                "reason": "lost", "error": f"the executor running this job died ({why})",
+                "execution_time": time.time() - (job.started_at or job.created_at),
+                "stdout_bytes": None, "stderr_bytes": None})
+
+    def lose_handler(self, identity: bytes) -> None:
+        self.handlers.pop(identity, None)
+        logs.event(log, "handler.lost", logging.WARNING, handler=identity.decode())
+        for job in list(self.jobs.values()):
+            if identity in job.subscribers:
+                self.unsubscribe(identity, job.job_id)
+
+    def _next_timer(self) -> float:
+        return self.timers[0][0] if self.timers else float("inf")
+
+    def run_due_timers(self) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            deadline, kind, job_id = heapq.heappop(self.timers)
+            job = self.jobs.get(job_id)
+            if kind == "detach_grace" and job is not None and job.grace_deadline == deadline:
+                logs.event(log, "job.abandoned", job_id=job_id, grace=self.settings.detach_grace)
+                self.control_by_broker(job, "CANCEL")
+
+    def control_by_broker(self, job: Job, action: str) -> None:
+        if job.state in ("running", "dispatched") and job.executor is not None:
+            self.to_executor(job.executor, bus.CONTROL, {"job_id": job.job_id, "action": action, "ref": ""})
+        else:
+            self.finish_unstarted(job, "canceled", "canceled: its client went away")
+
+    def stats(self) -> dict:
+        states = [j.state for j in self.jobs.values()]
+        return {
+            "connections": sum(p.connections for p in self.handlers.values()),
+            "handlers": len(self.handlers),
+            "executors_ready": len(self.executors),
+            "capacity": self.capacity(),
+            "running": sum(1 for s in states if s in ("running", "dispatched")),
+            "queued": sum(1 for s in states if s in ("queued", "held")),
+            "jobs_total": dict(self.totals),
+            "uptime": time.time() - self.started_at,
+        }
+
+
+def main(argv: list[str]) -> None:
+    settings = config.load_effective()
+    logs.setup("broker", settings.log_level)
+    ctx = zmq.Context()
+    broker = Broker(settings, ctx)
+    signal.signal(signal.SIGTERM, broker.stop)
+    signal.signal(signal.SIGINT, broker.stop)
+    try:
+        broker.run()
+    finally:
+        ctx.destroy(linger=0)

@@ -1,0 +1,90 @@
+"""Messages between ccexec's own processes, over ZeroMQ.
+
+The broker is a ROUTER with two faces (the Majordomo / Paranoid Pirate
+shape of the ZeroMQ guide): handlers and executors connect DEALER sockets
+with a stable identity, register with READY, and exchange HEARTBEATs so
+each side notices the other's death or restart. Every message is a
+multipart frame list: [kind, JSON header] plus, for OUTPUT, the raw bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import zmq
+
+# --- handler -> broker
+SUBMIT = b"SUBMIT"        # {job_id, spec, conn, after, client}
+CONTROL = b"CONTROL"      # {job_id, action, ref}
+DETACH = b"DETACH"        # {job_ids}: no client of this handler follows them now
+SUBSCRIBE = b"SUBSCRIBE"  # {job_ids}: this handler follows these jobs again
+# --- broker -> handler
+QUEUED = b"QUEUED"        # {job_id, position, after}
+REJECTED = b"REJECTED"    # {job_id, code, message, data}
+CONTROL_RESULT = b"CONTROL_RESULT"  # {job_id, action, ref, ok, status, error, pid, pgid}
+STATS = b"STATS"          # {connections, executors_ready, capacity, running, queued, ...}
+# --- broker -> executor
+DISPATCH = b"DISPATCH"    # {job_id, spec}
+COMPLETED_ACK = b"COMPLETED_ACK"  # {job_id}
+# --- executor -> broker (and forwarded to handlers)
+STARTED = b"STARTED"      # {job_id, pid, pgid, started_at}
+OUTPUT = b"OUTPUT"        # {job_id, stream, offset} + raw bytes frame
+COMPLETED = b"COMPLETED"  # {job_id, exit_code, reason, error, ...}
+# --- both directions, both faces
+READY = b"READY"          # register: {role, pid, capacity, jobs, connections}
+HEARTBEAT = b"HEARTBEAT"  # {load}
+REREGISTER = b"REREGISTER"  # broker to an unknown peer: send READY again
+
+HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats on both faces
+HEARTBEAT_LIVENESS = 3    # missed heartbeats before a peer counts as dead
+HIGH_WATER_MARK = 10000   # queued messages per peer before sends fail with EAGAIN
+
+
+def pack(kind: bytes, header: dict, *payload: bytes) -> list[bytes]:
+    return [kind, json.dumps(header, separators=(",", ":")).encode(), *payload]
+
+
+def unpack(frames: list[bytes]) -> tuple[bytes, dict, list[bytes]]:
+    """Split a message into (kind, header, payload frames)."""
+    if len(frames) < 2:
+        raise ValueError(f"short message of {len(frames)} frames")
+    header = json.loads(frames[1])
+    if not isinstance(header, dict):
+        raise ValueError("message header is not an object")
+    return frames[0], header, frames[2:]
+
+
+def frontend_endpoint(run_dir: str) -> str:
+    return f"ipc://{os.path.join(run_dir, 'broker-handlers.ipc')}"
+
+
+def backend_endpoint(run_dir: str) -> str:
+    return f"ipc://{os.path.join(run_dir, 'broker-executors.ipc')}"
+
+
+def peer_identity(role: str) -> bytes:
+    return f"{role}-{os.getpid()}".encode()
+
+
+def tune(sock: zmq.Socket) -> None:
+    """Options every ccexec ZeroMQ socket shares."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+    sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+
+
+def dealer(ctx: zmq.Context, role: str, endpoint: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, peer_identity(role))
+    tune(sock)
+    sock.connect(endpoint)
+    return sock
+
+
+def header_field(header: dict[str, Any], name: str, kind: type) -> Any:
+    value = header.get(name)
+    if not isinstance(value, kind):
+        raise ValueError(f"message field {name!r} missing or not {kind.__name__}")
+    return value

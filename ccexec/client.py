@@ -1,0 +1,210 @@
+"""Python client for ccexec: async at heart, with a small sync wrapper.
+
+    async with Client("ws://127.0.0.1:8004/ws") as client:
+        job = await client.execute("echo hello")
+        async for event in job.events():        # process.* notifications
+            ...
+        result = await job.wait()               # or skip events() and wait
+        print(result.exit_code, result.stdout)
+
+    result = run("echo hello")                  # sync, one call
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+DEFAULT_URL = "ws://127.0.0.1:8004/ws"
+
+
+class RPCError(Exception):
+    """A JSON-RPC error answer."""
+
+    def __init__(self, code: int, message: str, data: Any = None):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.data = code, message, data
+
+
+@dataclass
+class Result:
+    """A finished job: its output and its `process.completed` params."""
+
+    job_id: str
+    completed: dict
+    stdout: str = ""
+    stderr: str = ""
+    outputs: list[dict] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return self.completed["exit_code"]
+
+    @property
+    def reason(self) -> str:
+        return self.completed["reason"]
+
+    @property
+    def status(self) -> str:
+        return self.completed["status"]
+
+
+class Job:
+    """A job this client started: its events, in the order the server sent them."""
+
+    def __init__(self, client: "Client", job_id: str, status: str, pid: int | None):
+        self.client = client
+        self.job_id = job_id
+        self.status = status
+        self.pid = pid
+        self.queue: asyncio.Queue[dict] = asyncio.Queue()
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.outputs: list[dict] = []
+        self.completed: dict | None = None
+
+    def _on_event(self, method: str, params: dict) -> None:
+        if method == "process.output":
+            (self.stdout if params["type"] == "stdout" else self.stderr).append(params["data"])
+            self.outputs.append(params)
+        elif method == "process.completed":
+            self.completed = params
+        self.queue.put_nowait({"method": method, "params": params})
+
+    async def events(self, timeout: float | None = None) -> AsyncIterator[dict]:
+        """Every notification of this job up to and including process.completed."""
+        while True:
+            event = await asyncio.wait_for(self.queue.get(), timeout)
+            yield event
+            if event["method"] == "process.completed":
+                return
+
+    async def wait(self, timeout: float | None = None) -> Result:
+        async def drain() -> None:
+            async for _ in self.events():
+                pass
+        if self.completed is None:
+            await asyncio.wait_for(drain(), timeout)
+        return Result(self.job_id, self.completed, "".join(self.stdout), "".join(self.stderr), self.outputs)
+
+    async def control(self, action: str) -> dict:
+        return await self.client.control(action, self.job_id)
+
+
+class Client:
+    def __init__(self, url: str = DEFAULT_URL, *, open_timeout: float = 10, **connect_kwargs: Any):
+        self.url = url
+        self.open_timeout = open_timeout
+        self.connect_kwargs = connect_kwargs
+        self.ws: ClientConnection | None = None
+        self.session: dict | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[Any, asyncio.Future] = {}
+        self._jobs: dict[str, Job] = {}
+        self._early: dict[str, list[tuple[str, dict]]] = {}  # events that beat their job's response
+        self._reader: asyncio.Task | None = None
+        self.notifications: asyncio.Queue[dict] = asyncio.Queue()  # heartbeats and the like
+
+    async def __aenter__(self) -> "Client":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        self.ws = await websockets.connect(self.url, open_timeout=self.open_timeout,
+                                           max_size=None, **self.connect_kwargs)
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def _read(self) -> None:
+        try:
+            async for frame in self.ws:
+                self._dispatch(json.loads(frame))
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(ConnectionError("connection closed"))
+
+    def _dispatch(self, message: dict) -> None:
+        if "id" in message and ("result" in message or "error" in message):
+            future = self._pending.pop(message["id"], None)
+            if future is not None and not future.done():
+                future.set_result(message)
+            elif "error" in message:
+                self.notifications.put_nowait(message)
+            return
+        method, params = message.get("method"), message.get("params") or {}
+        if method == "connected":
+            self.session = params
+        job_id = params.get("job_id") if isinstance(params, dict) else None
+        if job_id is not None and method.startswith("process."):
+            job = self._jobs.get(job_id)
+            if job is None:
+                self._early.setdefault(job_id, []).append((method, params))
+            else:
+                job._on_event(method, params)
+        else:
+            self.notifications.put_nowait(message)
+
+    async def call(self, method: str, params: dict | None = None, timeout: float | None = 30) -> Any:
+        request_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        await self.ws.send(json.dumps({"jsonrpc": "2.0", "method": method, "params": params or {},
+                                       "id": request_id}))
+        answer = await asyncio.wait_for(future, timeout)
+        if "error" in answer:
+            error = answer["error"]
+            raise RPCError(error["code"], error["message"], error.get("data"))
+        return answer["result"]
+
+    async def execute(self, command: str | None = None, *, argv: list[str] | None = None,
+                      answer_timeout: float | None = 60, **params: Any) -> Job:
+        """Start a job (params as in the protocol: timeout, cwd, env, ...).
+
+        `answer_timeout` bounds the wait for the server's answer.
+        """
+        if command is not None:
+            params["command"] = command
+        if argv is not None:
+            params["argv"] = argv
+        result = await self.call("execute", params, answer_timeout)
+        job = Job(self, result["job_id"], result["status"], result.get("pid"))
+        self._jobs[job.job_id] = job
+        for method, event in self._early.pop(job.job_id, []):
+            job._on_event(method, event)
+        return job
+
+    async def control(self, action: str, job_id: str | None = None) -> dict:
+        params = {"type": action} if job_id is None else {"type": action, "job_id": job_id}
+        return await self.call("control", params)
+
+    async def ping(self) -> dict:
+        return await self.call("ping")
+
+
+async def run_async(command: str, url: str = DEFAULT_URL, wait_timeout: float | None = None,
+                    **params: Any) -> Result:
+    async with Client(url) as client:
+        job = await client.execute(command, **params)
+        return await job.wait(wait_timeout)
+
+
+def run(command: str, url: str = DEFAULT_URL, wait_timeout: float | None = None, **params: Any) -> Result:
+    """Run one command to completion and return its Result (sync wrapper)."""
+    return asyncio.run(run_async(command, url, wait_timeout, **params))

@@ -1,0 +1,180 @@
+"""Configuration: one ini file that is both Circus's config and ccexec's.
+
+`ccexecd` reads the packaged default (etc/ccexec.ini) or the file given with
+--config, applies its command-line overrides, and writes the result as the
+effective config into the run directory. Circus loads that file; every
+ccexec process finds it through $CCEXEC_CONFIG and reads its settings here.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shlex
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+SOCKET_SECTION = "socket:ccexec"
+WATCHERS = ("broker", "executor", "handler")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A configuration that ccexec cannot run with; the message says why."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8004
+    handlers: int = 2
+    executors: int = 2
+    state_dir: str = ""
+    log_level: str = "info"
+    workdir: str = ""
+    shell: str = "/bin/sh"
+    slots_per_executor: int = 8
+    max_queue: int = 1000
+    max_sessions: int = 1000
+    max_frame_bytes: int = 10 * 1024 * 1024
+    heartbeat_interval: float = 15.0
+    detach_grace: float = 30.0
+    kill_grace: float = 2.0
+    stall_timeout: float = 0.0
+    env_remove: tuple[str, ...] = ("ANTHROPIC_API_KEY",)
+    env_set: dict[str, str] = field(default_factory=lambda: {"PYTHONUNBUFFERED": "1"})
+    watchdog_port: int = 0
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.state_dir, "run")
+
+    @property
+    def jobs_dir(self) -> str:
+        return os.path.join(self.state_dir, "jobs")
+
+    @property
+    def circus_endpoint(self) -> str:
+        return f"ipc://{os.path.join(self.run_dir, 'circus.ipc')}"
+
+
+def default_config_text() -> str:
+    return resources.files("ccexec").joinpath("ccexec.ini").read_text()
+
+
+def default_state_dir() -> str:
+    if os.environ.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
+        return os.environ["STATE_DIRECTORY"].split(":")[0]
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "ccexec")
+
+
+def read_ini(path: str | None) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None)
+    if path is None:
+        parser.read_string(default_config_text(), source="<default ccexec.ini>")
+        return parser
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except configparser.Error as exc:
+        raise ConfigError(f"bad config {path}: {exc}") from None
+    return parser
+
+
+def apply_overrides(ini: configparser.ConfigParser, *, host=None, port=None,
+                    handlers=None, executors=None, state_dir=None,
+                    log_level=None) -> None:
+    """Command-line options win over the file."""
+    for section in (SOCKET_SECTION, "ccexec", *(f"watcher:{w}" for w in WATCHERS)):
+        if not ini.has_section(section):
+            ini.add_section(section)
+    pairs = [
+        (SOCKET_SECTION, "host", host), (SOCKET_SECTION, "port", port),
+        ("watcher:handler", "numprocesses", handlers),
+        ("watcher:executor", "numprocesses", executors),
+        ("ccexec", "state_dir", state_dir), ("ccexec", "log_level", log_level),
+    ]
+    for section, key, value in pairs:
+        if value is not None:
+            ini.set(section, key, str(value))
+
+
+def _env_pairs(text: str) -> dict[str, str]:
+    pairs = {}
+    for word in shlex.split(text):
+        name, sep, value = word.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"env_set entries are NAME=VALUE, got {word!r}")
+        pairs[name] = value
+    return pairs
+
+
+def _number(ini, section, key, default, kind=int, low=None, high=None):
+    raw = ini.get(section, key, fallback="").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"[{section}] {key} must be a number, got {raw!r}") from None
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ConfigError(f"[{section}] {key} must be between {low} and {high}, got {raw}")
+    return value
+
+
+def settings_from_ini(ini: configparser.ConfigParser) -> Settings:
+    d = Settings()
+    c = "ccexec"
+    get = lambda key, default: ini.get(c, key, fallback="").strip() or default  # noqa: E731
+    log_level = get("log_level", d.log_level).lower()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"[ccexec] log_level must be one of {', '.join(LOG_LEVELS)}")
+    state_dir = os.path.abspath(os.path.expanduser(get("state_dir", "") or default_state_dir()))
+    return Settings(
+        host=ini.get(SOCKET_SECTION, "host", fallback=d.host).strip(),
+        port=_number(ini, SOCKET_SECTION, "port", d.port, int, 1, 65535),
+        handlers=_number(ini, "watcher:handler", "numprocesses", d.handlers, int, 1, 64),
+        executors=_number(ini, "watcher:executor", "numprocesses", d.executors, int, 1, 256),
+        state_dir=state_dir,
+        log_level=log_level,
+        workdir=os.path.abspath(get("workdir", "") or os.getcwd()),
+        shell=get("shell", d.shell),
+        slots_per_executor=_number(ini, c, "slots_per_executor", d.slots_per_executor, int, 1, 10000),
+        max_queue=_number(ini, c, "max_queue", d.max_queue, int, 0, 10**6),
+        max_sessions=_number(ini, c, "max_sessions", d.max_sessions, int, 1, 10**6),
+        max_frame_bytes=_number(ini, c, "max_frame_bytes", d.max_frame_bytes, int, 1024, 2**30),
+        heartbeat_interval=_number(ini, c, "heartbeat_interval", d.heartbeat_interval, float, 6, 25),
+        detach_grace=_number(ini, c, "detach_grace", d.detach_grace, float, 0, 86400),
+        kill_grace=_number(ini, c, "kill_grace", d.kill_grace, float, 0, 300),
+        stall_timeout=_number(ini, c, "stall_timeout", d.stall_timeout, float, 0, 10**7),
+        env_remove=tuple(get("env_remove", " ".join(d.env_remove)).split()),
+        env_set=_env_pairs(get("env_set", "PYTHONUNBUFFERED=1")),
+        watchdog_port=_number(ini, c, "watchdog_port", d.watchdog_port, int, 0, 65535),
+    )
+
+
+def write_effective(ini: configparser.ConfigParser, path: str) -> None:
+    """Write the config every process of this daemon reads, atomically."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("# Effective configuration written by ccexecd; edit the source config instead.\n")
+        ini.write(f)
+    os.replace(tmp, path)
+
+
+def load_effective() -> Settings:
+    """Settings of a running daemon, for its child processes."""
+    path = os.environ.get("CCEXEC_CONFIG")
+    if not path:
+        raise ConfigError("CCEXEC_CONFIG is not set: ccexec roles run under ccexecd")
+    return settings_from_ini(read_ini(path))
+
+
+def ensure_dirs(settings: Settings) -> None:
+    for path in (settings.state_dir, settings.run_dir, settings.jobs_dir):
+        Path(path).mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.run_dir, 0o700)

@@ -1,0 +1,307 @@
+"""The executor: runs jobs, journals their output, enforces their limits.
+
+Each job runs in its own session and process group, with stdout and stderr
+read concurrently so a full pipe never blocks anything. Every chunk read is
+appended to the job's journal before it is forwarded to the broker, so what
+a slow or absent reader misses is still on disk. Ending a job (cancel,
+timeout, shutdown) ends its whole process tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import psutil
+import zmq
+import zmq.asyncio
+
+from ccexec import bus, config, logs
+from ccexec.journal import JournalWriter
+from ccexec.liveness import WatchdogPulse
+
+log = logging.getLogger("ccexec.executor")
+
+READ_SIZE = 65536
+EXIT_DRAIN = 1.0  # seconds to wait for pipes after the job's leader exited
+INTERNAL_ENV_PREFIXES = ("CCEXEC_", "CIRCUS")
+
+
+@dataclass
+class RunningJob:
+    job_id: str
+    spec: dict
+    proc: asyncio.subprocess.Process | None = None
+    pid: int | None = None
+    started_at: float = field(default_factory=time.time)
+    ended_by: str | None = None  # reason, when ccexec ended the job itself
+    ended_error: str | None = None
+    paused: bool = False
+
+    def describe(self) -> dict:
+        return {"job_id": self.job_id, "pid": self.pid, "pgid": self.pid,
+                "started_at": self.started_at, "spec": self.spec}
+
+
+def job_environment(settings: config.Settings, requested: dict[str, str]) -> dict[str, str]:
+    """The daemon's environment after the policy, plus the request's env."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(INTERNAL_ENV_PREFIXES)}
+    env.update(settings.env_set)
+    env.update(requested)
+    for name in settings.env_remove:
+        env.pop(name, None)
+    return env
+
+
+def signal_tree(pgid: int, sig: int) -> None:
+    """Signal a job's process group and every descendant that left it."""
+    try:
+        leader = psutil.Process(pgid)
+        escaped = [p for p in leader.children(recursive=True) if _pgid(p.pid) != pgid]
+    except psutil.Error:
+        escaped = []
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+    for proc in escaped:
+        try:
+            proc.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+class Executor:
+    def __init__(self, settings: config.Settings):
+        self.settings = settings
+        self.capacity = settings.slots_per_executor
+        self.ctx = zmq.asyncio.Context()
+        self.sock = bus.dealer(self.ctx, "executor", bus.backend_endpoint(settings.run_dir))
+        self.jobs: dict[str, RunningJob] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.unacked: dict[str, dict] = {}  # COMPLETED headers the broker has not acknowledged
+        self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="journal")
+        self.broker_seen = time.monotonic()
+        self.stopping = asyncio.Event()
+
+    # ------------------------------------------------------------ broker link
+
+    async def send(self, kind: bytes, header: dict, *payload: bytes) -> None:
+        await self.sock.send_multipart(bus.pack(kind, header, *payload))
+
+    def try_send(self, kind: bytes, header: dict, *payload: bytes) -> None:
+        """Send if the broker link has room; output is in the journal anyway."""
+        try:
+            self.sock.send_multipart(bus.pack(kind, header, *payload), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    async def register(self) -> None:
+        await self.send(bus.READY, {
+            "role": "executor", "pid": os.getpid(), "capacity": self.capacity,
+            "jobs": [j.describe() for j in self.jobs.values() if j.pid is not None],
+            "completed": list(self.unacked.values())})
+
+    async def receive_loop(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart()
+            self.broker_seen = time.monotonic()
+            try:
+                kind, header, _ = bus.unpack(frames)
+            except ValueError as exc:
+                logs.event(log, "executor.bad_message", logging.WARNING, error=exc)
+                continue
+            if kind == bus.DISPATCH:
+                self.spawn_task(self.run_job(header["job_id"], header["spec"]))
+            elif kind == bus.CONTROL:
+                await self.control(header)
+            elif kind == bus.COMPLETED_ACK:
+                self.unacked.pop(header.get("job_id"), None)
+            elif kind == bus.REREGISTER:
+                await self.register()
+
+    async def heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(bus.HEARTBEAT_INTERVAL)
+            await self.send(bus.HEARTBEAT, {"running": len(self.jobs)})
+
+    def spawn_task(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # ------------------------------------------------------------ jobs
+
+    def resolve_cwd(self, spec: dict) -> str:
+        cwd = spec.get("cwd") or self.settings.workdir
+        return os.path.normpath(os.path.join(self.settings.workdir, os.path.expanduser(cwd)))
+
+    def argv(self, spec: dict) -> list[str]:
+        return list(spec["argv"]) if spec.get("argv") else [self.settings.shell, "-c", spec["command"]]
+
+    async def in_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
+
+    async def run_job(self, job_id: str, spec: dict) -> None:
+        job = RunningJob(job_id, spec)
+        self.jobs[job_id] = job
+        journal = await self.in_thread(JournalWriter, self.settings.jobs_dir, job_id)
+        exit_code, reason, error = await self.execute(job, journal)
+        await self.in_thread(journal.close)
+        self.jobs.pop(job_id, None)
+        completed = {
+            "job_id": job_id, "pid": job.pid, "pgid": job.pid, "exit_code": exit_code,
+            "reason": reason, "error": error, "execution_time": time.time() - job.started_at,
+            "stdout_bytes": journal.sizes["stdout"], "stderr_bytes": journal.sizes["stderr"],
+        }
+        self.unacked[job_id] = completed
+        await self.send(bus.COMPLETED, completed)
+
+    async def execute(self, job: RunningJob, journal: JournalWriter) -> tuple[int, str, str | None]:
+        """Run the job to its end: (exit_code, reason, error)."""
+        cwd = self.resolve_cwd(job.spec)
+        if not await self.in_thread(os.path.isdir, cwd):
+            return 126, "rejected", f"working directory does not exist: {cwd}"
+        argv = self.argv(job.spec)
+        stdin_text = job.spec.get("stdin")
+        try:
+            job.proc = await asyncio.create_subprocess_exec(
+                *argv, cwd=cwd, env=job_environment(self.settings, job.spec.get("env") or {}),
+                stdin=asyncio.subprocess.PIPE if stdin_text is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True)
+        except FileNotFoundError:
+            return 127, "exit", f"command not found: {argv[0]}"
+        except PermissionError:
+            return 126, "exit", f"permission denied: {argv[0]}"
+        except OSError as exc:
+            return 126, "rejected", f"could not start: {exc}"
+        job.pid, job.started_at = job.proc.pid, time.time()
+        await self.send(bus.STARTED, {"job_id": job.job_id, "pid": job.pid, "pgid": job.pid,
+                                      "started_at": job.started_at})
+        pumps = [asyncio.ensure_future(self.pump(job, journal, "stdout", job.proc.stdout)),
+                 asyncio.ensure_future(self.pump(job, journal, "stderr", job.proc.stderr))]
+        feeder = asyncio.ensure_future(self.feed_stdin(job.proc, stdin_text)) if stdin_text is not None else None
+        await self.wait_leader(job)
+        await self.drain(job, pumps)
+        if feeder is not None:
+            feeder.cancel()
+        return self.outcome(job)
+
+    async def wait_leader(self, job: RunningJob) -> None:
+        timeout = job.spec.get("timeout")
+        try:
+            await asyncio.wait_for(asyncio.shield(job.proc.wait()), timeout)
+        except asyncio.TimeoutError:
+            await self.end_job(job, "timeout", f"timed out after {timeout:g} s")
+            await job.proc.wait()
+
+    async def drain(self, job: RunningJob, pumps: list[asyncio.Future]) -> None:
+        """Read the pipes to their end; what the leader left running is ended."""
+        done, pending = await asyncio.wait(pumps, timeout=EXIT_DRAIN)
+        if pending:
+            signal_tree(job.pid, signal.SIGKILL)
+            await asyncio.wait(pending)
+        else:  # pipes closed, but a background process may still run in the group
+            await self.in_thread(signal_tree, job.pid, signal.SIGKILL)
+
+    def outcome(self, job: RunningJob) -> tuple[int, str, str | None]:
+        code = job.proc.returncode
+        if job.ended_by is not None:
+            return code, job.ended_by, job.ended_error
+        if code < 0:
+            return code, "signal", f"killed by signal {signal.Signals(-code).name}"
+        return code, "exit", None
+
+    async def pump(self, job: RunningJob, journal: JournalWriter, stream: str,
+                   reader: asyncio.StreamReader) -> None:
+        """Copy one pipe to the journal, then to the broker."""
+        while True:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                return
+            offset = await self.in_thread(journal.append, stream, data)
+            self.try_send(bus.OUTPUT, {"job_id": job.job_id, "stream": stream, "offset": offset}, data)
+
+    @staticmethod
+    async def feed_stdin(proc: asyncio.subprocess.Process, text: str) -> None:
+        try:
+            proc.stdin.write(text.encode())
+            await proc.stdin.drain()
+            proc.stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    async def end_job(self, job: RunningJob, reason: str, error: str) -> None:
+        """Terminate the job's tree: SIGTERM, then SIGKILL after the grace."""
+        if job.ended_by is None:
+            job.ended_by, job.ended_error = reason, error
+        await self.in_thread(signal_tree, job.pid, signal.SIGTERM)
+        if job.paused:  # a stopped process sees SIGTERM only once continued
+            await self.in_thread(signal_tree, job.pid, signal.SIGCONT)
+        try:
+            await asyncio.wait_for(asyncio.shield(job.proc.wait()), self.settings.kill_grace)
+        except asyncio.TimeoutError:
+            await self.in_thread(signal_tree, job.pid, signal.SIGKILL)
+
+    async def control(self, header: dict) -> None:
+        job = self.jobs.get(header.get("job_id"))
+        action = header.get("action")
+        reply = {"job_id": header.get("job_id"), "action": action, "ref": header.get("ref", "")}
+        if job is None or job.pid is None or job.proc.returncode is not None:
+            await self.send(bus.CONTROL_RESULT, {**reply, "ok": False, "code": -32002,
+                                                 "error": f"job {reply['job_id']} is not running"})
+            return
+        status = {"PAUSE": "paused", "RESUME": "resumed", "CANCEL": "canceled"}[action]
+        await self.send(bus.CONTROL_RESULT, {**reply, "ok": True, "status": status,
+                                             "pid": job.pid, "pgid": job.pid})
+        if action == "CANCEL":
+            self.spawn_task(self.end_job(job, "canceled", "canceled on request"))
+        else:
+            job.paused = action == "PAUSE"
+            await self.in_thread(signal_tree, job.pid, signal.SIGSTOP if job.paused else signal.SIGCONT)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        pulse = WatchdogPulse(self.settings.watchdog_port) if self.settings.watchdog_port else None
+        await self.register()
+        logs.event(log, "executor.started", pid=os.getpid(), capacity=self.capacity)
+        background = [loop.create_task(self.receive_loop()), loop.create_task(self.heartbeat_loop())]
+        if pulse:
+            background.append(loop.create_task(pulse.run()))
+        await self.stopping.wait()
+        await self.shutdown()
+        for task in background:
+            task.cancel()
+
+    async def shutdown(self) -> None:
+        """Stop: end every running job's tree and report it."""
+        logs.event(log, "executor.stopping", pid=os.getpid(), jobs=len(self.jobs))
+        for job in list(self.jobs.values()):
+            if job.pid is not None and job.proc.returncode is None:
+                self.spawn_task(self.end_job(job, "canceled", "the daemon is stopping"))
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=self.settings.kill_grace + EXIT_DRAIN + 2)
+        self.sock.close(linger=500)
+
+
+def main(argv: list[str]) -> None:
+    settings = config.load_effective()
+    logs.setup("executor", settings.log_level)
+    asyncio.run(Executor(settings).run())

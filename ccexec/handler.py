@@ -1,0 +1,501 @@
+"""A WebSocket handler process: JSON-RPC over the socket Circus owns.
+
+Glue between `protocol` (pure message logic), the client's WebSocket and
+the broker. It serves on a listening socket inherited from the arbiter
+(never one it bound), keeps no job state that cannot be rebuilt from the
+broker and the journals, and never runs a blocking call on its loop:
+journal reads happen in a worker thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http
+import json
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import zmq
+import zmq.asyncio
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request as HttpRequest, Response as HttpResponse
+
+from ccexec import __version__, bus, config, journal, logs, metrics, protocol
+from ccexec.liveness import WatchdogPulse
+from ccexec.protocol import STREAMS, ProtocolError
+
+log = logging.getLogger("ccexec.handler")
+
+WS_PATHS = ("/ws", "/ws/mcp")
+INLINE_LIMIT = 4 << 20  # bytes of live output held per stream before the journal takes over
+CONTROL_TIMEOUT = 10.0
+HOOK_STATUS = {"enabled": False, "hooks_configured": []}
+
+
+class StreamState:
+    """Where one output stream of one job stands for one connection."""
+
+    def __init__(self, mode: str, offset: int = 0):
+        self.splitter = protocol.OutputSplitter(mode, offset)
+        self.delivered = offset   # bytes handed to the splitter
+        self.known = offset       # bytes known to exist in the journal
+        self.inline: deque[tuple[int, bytes]] = deque()
+        self.inline_bytes = 0
+
+    def offer(self, offset: int, data: bytes) -> None:
+        """Keep live data if it continues what is held and there is room."""
+        self.known = max(self.known, offset + len(data))
+        expected = self.inline[-1][0] + len(self.inline[-1][1]) if self.inline else self.delivered
+        if offset == expected and self.inline_bytes + len(data) <= INLINE_LIMIT:
+            self.inline.append((offset, data))
+            self.inline_bytes += len(data)
+
+    def take_inline(self) -> bytes | None:
+        while self.inline:
+            offset, data = self.inline.popleft()
+            self.inline_bytes -= len(data)
+            if offset <= self.delivered < offset + len(data):
+                return data[self.delivered - offset:]
+        return None
+
+
+class JobStream:
+    """One job as one connection sees it: its messages, in order, once."""
+
+    def __init__(self, session: "Session", job_id: str, request_id, has_id: bool,
+                 mode: str, submit: dict):
+        self.session = session
+        self.job_id = job_id
+        self.request_id, self.has_id = request_id, has_id
+        self.submit = submit  # resent if the broker restarts before the job starts
+        self.responded = False
+        self.started = False
+        self.pid = self.pgid = None
+        self.notices: deque[str] = deque()
+        self.streams = {s: StreamState(mode) for s in STREAMS}
+        self.final: dict | None = None
+        self.finished = False
+        self.last_output = time.monotonic()
+        self.wake = asyncio.Event()
+        self.pump_task = asyncio.get_running_loop().create_task(self.pump())
+
+    # -- events from the broker (synchronous: they only queue and wake)
+
+    def respond(self, status: str) -> None:
+        if not self.responded:
+            self.responded = True
+            if self.has_id:
+                result = protocol.execute_result(status, self.job_id, self.pid, self.pgid)
+                self.notices.append(protocol.response(self.request_id, result))
+
+    def on_queued(self, header: dict) -> None:
+        self.respond("queued")
+        self.notices.append(protocol.process_queued(self.job_id, header.get("position"), header.get("after")))
+        self.wake.set()
+
+    def on_started(self, header: dict) -> None:
+        self.started, self.pid, self.pgid = True, header.get("pid"), header.get("pgid")
+        self.last_output = time.monotonic()
+        self.respond("started")
+        self.notices.append(protocol.process_state("started", self.job_id, self.pid, self.pgid))
+        self.wake.set()
+
+    def on_rejected(self, header: dict) -> None:
+        self.responded = True
+        self.notices.append(protocol.error_response(
+            self.request_id, header["code"], header["message"], header.get("data")))
+        self.finished = True
+        self.wake.set()
+
+    def on_output(self, stream: str, offset: int, data: bytes) -> None:
+        self.last_output = time.monotonic()
+        self.streams[stream].offer(offset, data)
+        self.wake.set()
+
+    def on_control(self, status: str) -> None:
+        self.notices.append(protocol.process_state(status, self.job_id, self.pid, self.pgid))
+        self.wake.set()
+
+    def on_completed(self, header: dict) -> None:
+        self.respond("rejected" if header.get("reason") == "rejected" else "started")
+        self.final = header
+        self.wake.set()
+
+    # -- the pump: the only sender of this job's messages
+
+    async def pump(self) -> None:
+        try:
+            while not self.finished:
+                await self.wake.wait()
+                self.wake.clear()
+                while self.notices:
+                    await self.session.send(self.notices.popleft())
+                for stream in STREAMS:
+                    await self.deliver(stream)
+                if self.final is not None:
+                    await self.complete()
+            while self.notices:  # a rejection's error response
+                await self.session.send(self.notices.popleft())
+        except ConnectionClosed:
+            pass
+        finally:
+            self.finished = True
+            self.session.job_done(self)
+
+    async def deliver(self, stream: str) -> None:
+        state = self.streams[stream]
+        while True:
+            chunk = state.take_inline()
+            if chunk is None and state.delivered < state.known:
+                chunk = await self.session.handler.read_journal(
+                    self.job_id, stream, state.delivered, state.known)
+                if not chunk:
+                    return
+            if not chunk:
+                return
+            state.delivered += len(chunk)
+            for piece in state.splitter.feed(chunk):
+                await self.session.send(protocol.process_output(self.job_id, stream, piece))
+
+    async def complete(self) -> None:
+        final = self.final
+        sizes = {}
+        for stream in STREAMS:
+            state = self.streams[stream]
+            size = final.get(f"{stream}_bytes")
+            if size is None:  # the executor died: the journal holds what there is
+                size = await self.session.handler.journal_size(self.job_id, stream)
+            state.known = max(state.known, size)
+            await self.deliver(stream)
+            for piece in state.splitter.finish():
+                await self.session.send(protocol.process_output(self.job_id, stream, piece))
+            sizes[stream] = state.delivered
+        while self.notices:
+            await self.session.send(self.notices.popleft())
+        await self.session.send(protocol.process_completed(
+            self.job_id, final.get("pid"), final.get("pgid"), int(final.get("exit_code", -1)),
+            final.get("reason", "exit"), final.get("error"), float(final.get("execution_time") or 0.0),
+            sizes["stdout"], sizes["stderr"]))
+        self.finished = True
+
+    def silent_for(self) -> float:
+        return time.monotonic() - self.last_output
+
+
+class Session:
+    """One WebSocket connection."""
+
+    def __init__(self, handler: "Handler", ws: ServerConnection):
+        self.handler = handler
+        self.ws = ws
+        self.session_id = str(uuid.uuid4())
+        self.jobs: dict[str, JobStream] = {}
+        self.last_sequenced: JobStream | None = None
+        self.last_sent = time.monotonic()
+        self.client = "%s:%s" % ws.remote_address[:2] if ws.remote_address else "-"
+
+    async def send(self, text: str) -> None:
+        self.last_sent = time.monotonic()
+        await self.ws.send(text)
+
+    def job_done(self, job: JobStream) -> None:
+        self.jobs.pop(job.job_id, None)
+        self.handler.unfollow(job)
+
+    def running_job(self) -> JobStream | None:
+        running = [j for j in self.jobs.values() if j.started and j.final is None]
+        return running[-1] if running else None
+
+    async def heartbeat_loop(self) -> None:
+        interval = self.handler.settings.heartbeat_interval
+        while True:
+            await asyncio.sleep(max(0.2, self.last_sent + interval - time.monotonic()))
+            if time.monotonic() - self.last_sent >= interval:
+                jobs = [(j.job_id, j.silent_for()) for j in self.jobs.values() if j.started and j.final is None]
+                await self.send(protocol.heartbeat(time.time(), jobs))
+
+    # -- requests
+
+    async def handle_frame(self, frame: str | bytes) -> None:
+        request = None
+        try:
+            request = protocol.parse_frame(frame)
+            await self.dispatch(request)
+        except ProtocolError as exc:
+            await self.send(exc.to_message())
+        except ConnectionClosed:
+            raise
+        except Exception as exc:  # a bug must cost one request, never the connection
+            log.exception("internal error handling a request")
+            await self.send(protocol.error_response(
+                request.id if request else None, protocol.INTERNAL_ERROR, f"Internal error: {exc}"))
+
+    async def dispatch(self, request: protocol.Request) -> None:
+        method = request.method
+        if method == "execute":
+            self.execute(request, protocol.parse_execute(request))
+        elif method == "control":
+            spec = protocol.parse_control(request)
+            asyncio.get_running_loop().create_task(self.control(request, spec))
+        elif method == "ping":
+            await self.reply(request, {"pong": True, "timestamp": time.time()})
+        elif method == "hook_status":
+            await self.reply(request, HOOK_STATUS)
+        elif method != "pong":
+            raise ProtocolError(protocol.METHOD_NOT_FOUND, f"Method not found: {method}",
+                                {"method": method}, request.id)
+
+    async def reply(self, request: protocol.Request, result: dict) -> None:
+        if request.has_id:
+            await self.send(protocol.response(request.id, result))
+
+    def execute(self, request: protocol.Request, spec: protocol.ExecuteSpec) -> None:
+        job_id = uuid.uuid4().hex
+        after = None
+        if not spec.parallel:
+            previous = self.last_sequenced
+            after = previous.job_id if previous is not None and not previous.finished else None
+        submit = {"job_id": job_id, "spec": spec.to_dict(), "after": after,
+                  "client": self.client, "session": self.session_id}
+        job = JobStream(self, job_id, request.id, request.has_id, spec.stream_mode, submit)
+        self.jobs[job_id] = job
+        if not spec.parallel:
+            self.last_sequenced = job
+        self.handler.follow(job)
+        self.handler.to_broker(bus.SUBMIT, submit)
+
+    async def control(self, request: protocol.Request, spec: protocol.ControlSpec) -> None:
+        try:
+            job = self.jobs.get(spec.job_id) if spec.job_id else self.running_job()
+            if job is None or job.finished:
+                what = f"job {spec.job_id}" if spec.job_id else "a running job on this connection"
+                raise ProtocolError(protocol.JOB_NOT_FOUND, f"Process not found: no {what}",
+                                    {"job_id": spec.job_id}, request.id)
+            result = await self.handler.control(job.job_id, spec.action)
+            if not result.get("ok"):
+                raise ProtocolError(result.get("code", protocol.JOB_NOT_FOUND), result.get("error", "control failed"),
+                                    {"job_id": job.job_id}, request.id)
+            await self.reply(request, {"status": result["status"], "job_id": job.job_id})
+            job.on_control(result["status"])
+        except ProtocolError as exc:
+            await self.send(exc.to_message())
+        except ConnectionClosed:
+            pass
+
+
+class Handler:
+    def __init__(self, settings: config.Settings):
+        self.settings = settings
+        self.ctx = zmq.asyncio.Context()
+        self.broker = bus.dealer(self.ctx, "handler", bus.frontend_endpoint(settings.run_dir))
+        self.sessions: set[Session] = set()
+        self.followers: dict[str, set[JobStream]] = {}
+        self.controls: dict[str, asyncio.Future] = {}
+        self.stats: dict = {}
+        self.broker_seen = 0.0
+        self.started = time.time()
+        self.io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="journal-read")
+        self.stopping = asyncio.Event()
+
+    # -- broker link
+
+    def to_broker(self, kind: bytes, header: dict) -> None:
+        try:
+            self.broker.send_multipart(bus.pack(kind, header), zmq.NOBLOCK)
+        except zmq.Again:
+            logs.event(log, "handler.broker_busy", logging.WARNING, message=kind.decode())
+
+    def register(self) -> None:
+        self.to_broker(bus.READY, {"role": "handler", "pid": os.getpid(),
+                                   "connections": len(self.sessions), "jobs": list(self.followers)})
+        for streams in self.followers.values():
+            for job in streams:
+                if not job.started and job.final is None:
+                    self.to_broker(bus.SUBMIT, job.submit)
+
+    def follow(self, job: JobStream) -> None:
+        self.followers.setdefault(job.job_id, set()).add(job)
+
+    def unfollow(self, job: JobStream) -> None:
+        streams = self.followers.get(job.job_id)
+        if streams is None:
+            return
+        streams.discard(job)
+        if not streams:
+            del self.followers[job.job_id]
+            if job.final is None:
+                self.to_broker(bus.DETACH, {"job_ids": [job.job_id]})
+
+    async def control(self, job_id: str, action: str) -> dict:
+        ref = uuid.uuid4().hex
+        future = asyncio.get_running_loop().create_future()
+        self.controls[ref] = future
+        self.to_broker(bus.CONTROL, {"job_id": job_id, "action": action, "ref": ref})
+        try:
+            return await asyncio.wait_for(future, CONTROL_TIMEOUT)
+        except asyncio.TimeoutError:
+            return {"ok": False, "code": protocol.INTERNAL_ERROR, "error": "the executor did not answer in time"}
+        finally:
+            self.controls.pop(ref, None)
+
+    async def broker_loop(self) -> None:
+        while True:
+            frames = await self.broker.recv_multipart()
+            self.broker_seen = time.monotonic()
+            try:
+                kind, header, payload = bus.unpack(frames)
+                self.on_broker_message(kind, header, payload)
+            except (ValueError, KeyError, TypeError) as exc:
+                logs.event(log, "handler.bad_message", logging.WARNING, error=exc)
+
+    def on_broker_message(self, kind: bytes, header: dict, payload: list[bytes]) -> None:
+        if kind == bus.HEARTBEAT:
+            self.stats = header
+        elif kind == bus.REREGISTER:
+            self.register()
+        elif kind == bus.CONTROL_RESULT:
+            future = self.controls.get(header.get("ref"))
+            if future is not None and not future.done():
+                future.set_result(header)
+        else:
+            for job in list(self.followers.get(header.get("job_id"), ())):
+                self.deliver_event(job, kind, header, payload)
+
+    @staticmethod
+    def deliver_event(job: JobStream, kind: bytes, header: dict, payload: list[bytes]) -> None:
+        if kind == bus.OUTPUT:
+            job.on_output(header["stream"], int(header["offset"]), payload[0])
+        elif kind == bus.STARTED:
+            job.on_started(header)
+        elif kind == bus.QUEUED:
+            job.on_queued(header)
+        elif kind == bus.COMPLETED:
+            job.on_completed(header)
+        elif kind == bus.REJECTED:
+            job.on_rejected(header)
+
+    async def heartbeat_loop(self) -> None:
+        while True:
+            self.to_broker(bus.HEARTBEAT, {"connections": len(self.sessions)})
+            await asyncio.sleep(bus.HEARTBEAT_INTERVAL)
+
+    def broker_alive(self) -> bool:
+        return time.monotonic() - self.broker_seen < bus.HEARTBEAT_INTERVAL * bus.HEARTBEAT_LIVENESS
+
+    # -- journals, read off the loop
+
+    async def read_journal(self, job_id: str, stream: str, offset: int, end: int) -> bytes:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.io, journal.read_range, self.settings.jobs_dir, job_id, stream, offset, end)
+
+    async def journal_size(self, job_id: str, stream: str) -> int:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.io, journal.stream_size, self.settings.jobs_dir, job_id, stream)
+
+    # -- HTTP side
+
+    def total_sessions(self) -> int:
+        """Connections over the whole pool, as of the broker's last count."""
+        reported = self.stats.get("connections", 0)
+        return max(len(self.sessions), reported)
+
+    def process_request(self, connection: ServerConnection, request: HttpRequest) -> HttpResponse | None:
+        path = request.path.split("?", 1)[0]
+        if path in WS_PATHS:
+            return None
+        if path == "/health":
+            return json_response(http.HTTPStatus.OK, self.health())
+        if path == "/ready":
+            ready, reason = self.readiness()
+            status = http.HTTPStatus.OK if ready else http.HTTPStatus.SERVICE_UNAVAILABLE
+            return json_response(status, {"status": "ready" if ready else "not_ready", "reason": reason,
+                                          "executors_ready": self.stats.get("executors_ready", 0)})
+        if path == "/metrics":
+            body = metrics.render(self.stats, len(self.sessions))
+            return HttpResponse(200, "OK", Headers([("Content-Type", metrics.CONTENT_TYPE),
+                                                    ("Content-Length", str(len(body)))]), body)
+        return json_response(http.HTTPStatus.NOT_FOUND, {"error": "not found", "path": path,
+                                                         "websocket_paths": list(WS_PATHS)})
+
+    def health(self) -> dict:
+        return {
+            "status": "healthy", "service": "ccexec", "version": __version__,
+            "active_sessions": self.total_sessions(), "max_sessions": self.settings.max_sessions,
+            "uptime_seconds": round(self.stats.get("uptime", time.time() - self.started), 3),
+            "handler_pid": os.getpid(), "broker_reachable": self.broker_alive(),
+            "running_jobs": self.stats.get("running", 0), "queued_jobs": self.stats.get("queued", 0),
+        }
+
+    def readiness(self) -> tuple[bool, str | None]:
+        if not self.broker_alive():
+            return False, "broker unreachable"
+        if not self.stats.get("executors_ready"):
+            return False, "no executor ready"
+        return True, None
+
+    # -- connections
+
+    async def on_connection(self, ws: ServerConnection) -> None:
+        session = Session(self, ws)
+        if self.total_sessions() >= self.settings.max_sessions:
+            await ws.send(protocol.error_response(None, protocol.SESSION_LIMIT, "Session limit exceeded",
+                                                  {"max_sessions": self.settings.max_sessions}))
+            await ws.close(protocol.CLOSE_POLICY_VIOLATION, "session limit exceeded")
+            return
+        self.sessions.add(session)
+        beat = asyncio.get_running_loop().create_task(session.heartbeat_loop())
+        try:
+            await session.send(protocol.connected(session.session_id, __version__))
+            async for frame in ws:
+                await session.handle_frame(frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            beat.cancel()
+            self.sessions.discard(session)
+            for job in list(session.jobs.values()):
+                job.pump_task.cancel()
+
+    async def run(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        listener = socket.socket(fileno=fd)
+        listener.setblocking(False)
+        background = [loop.create_task(self.broker_loop()), loop.create_task(self.heartbeat_loop())]
+        if self.settings.watchdog_port:
+            background.append(loop.create_task(WatchdogPulse(self.settings.watchdog_port).run()))
+        self.register()
+        async with serve(self.on_connection, sock=listener, process_request=self.process_request,
+                         max_size=self.settings.max_frame_bytes, ping_interval=20, ping_timeout=20,
+                         server_header=f"ccexec/{__version__}") as server:
+            logs.event(log, "handler.started", pid=os.getpid())
+            await self.stopping.wait()
+            server.close(close_connections=True)
+        for task in background:
+            task.cancel()
+        self.broker.close(linger=0)
+
+
+def json_response(status: http.HTTPStatus, body: dict) -> HttpResponse:
+    data = json.dumps(body).encode()
+    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    return HttpResponse(status.value, status.phrase, headers, data)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="ccexec handler")
+    parser.add_argument("--fd", type=int, required=True, help="listening socket inherited from the arbiter")
+    args = parser.parse_args(argv)
+    settings = config.load_effective()
+    logs.setup("handler", settings.log_level)
+    asyncio.run(Handler(settings).run(args.fd))

@@ -1,0 +1,64 @@
+"""Per-job output journals: every byte a job writes, on disk, by stream.
+
+Executors append; handlers read any byte range at their own pace, which is
+what lets a slow client fall behind without the daemon buffering its output
+in memory, and lets a client resume from byte offsets on any handler.
+Layout: <state_dir>/jobs/<job_id>/{stdout,stderr}.
+These are plain blocking file calls: callers on an event loop run them in
+a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from ccexec.protocol import STREAMS
+
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+READ_BLOCK = 1 << 20  # bytes read from a journal at a time
+
+
+def job_dir(jobs_dir: str, job_id: str) -> str:
+    if not JOB_ID.match(job_id):  # never let a client-supplied id name a path
+        raise ValueError(f"not a job id: {job_id!r}")
+    return os.path.join(jobs_dir, job_id)
+
+
+class JournalWriter:
+    def __init__(self, jobs_dir: str, job_id: str):
+        self.path = job_dir(jobs_dir, job_id)
+        os.makedirs(self.path, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        self.fds = {s: os.open(os.path.join(self.path, s), flags, 0o600) for s in STREAMS}
+        self.sizes = dict.fromkeys(STREAMS, 0)
+
+    def append(self, stream: str, data: bytes) -> int:
+        """Append data; returns the stream offset it was written at."""
+        offset = self.sizes[stream]
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fds[stream], view)
+            view = view[written:]
+        self.sizes[stream] = offset + len(data)
+        return offset
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.fsync(fd)
+            os.close(fd)
+        self.fds = {}
+
+
+def read_range(jobs_dir: str, job_id: str, stream: str, offset: int, end: int) -> bytes:
+    """Bytes [offset, min(end, offset + READ_BLOCK)) of a stream."""
+    path = os.path.join(job_dir(jobs_dir, job_id), stream)
+    with open(path, "rb", buffering=0) as f:
+        return os.pread(f.fileno(), min(end - offset, READ_BLOCK), offset)
+
+
+def stream_size(jobs_dir: str, job_id: str, stream: str) -> int:
+    try:
+        return os.stat(os.path.join(job_dir(jobs_dir, job_id), stream)).st_size
+    except FileNotFoundError:
+        return 0

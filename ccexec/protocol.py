@@ -1,0 +1,429 @@
+"""The client-facing wire protocol: JSON-RPC 2.0 over WebSocket text frames.
+
+Pure code with no I/O, in the manner of websockets' sans-I/O protocol layer:
+frames in, requests or errors out; job events in, message texts out. The
+handler process is the glue that moves these texts over sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+JSONRPC = "2.0"
+
+# JSON-RPC error codes (standard ones, then ccexec's server errors).
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+NOT_ALLOWED = -32001
+JOB_NOT_FOUND = -32002
+SESSION_LIMIT = -32003
+SERVER_BUSY = -32005
+OUTPUT_GONE = -32006
+
+# WebSocket close codes the server uses (RFC 6455).
+CLOSE_POLICY_VIOLATION = 1008
+
+# A line longer than this many characters is sent as several chunks.
+CHUNK_CHARS = 65536
+STREAMS = ("stdout", "stderr")
+STREAM_MODES = ("lines", "chunks")
+CONTROL_TYPES = {"PAUSE": "paused", "RESUME": "resumed", "CANCEL": "canceled"}
+JOB_STATES = ("running", "queued", "finished")
+CAPABILITIES = [
+    "execute", "control", "stream", "heartbeat", "queue", "chunks",
+    "argv", "stdin", "ping", "hook_status",
+]
+
+
+class ProtocolError(Exception):
+    """A request that earns a JSON-RPC error object instead of a result."""
+
+    def __init__(self, code: int, message: str, data: Any = None, request_id: Any = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+        self.request_id = request_id
+
+    def to_message(self) -> str:
+        return error_response(self.request_id, self.code, self.message, self.data)
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    params: dict
+    id: str | int | None
+    has_id: bool
+
+
+@dataclass(frozen=True)
+class ExecuteSpec:
+    """A validated `execute` request: what to run and how."""
+
+    command: str | None = None
+    argv: tuple[str, ...] | None = None
+    cwd: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    stdin: str | None = None
+    timeout: float | None = None
+    stall_timeout: float | None = None
+    detach: bool = False
+    parallel: bool = False
+    stream_mode: str = "lines"
+    name: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "command": self.command, "argv": list(self.argv) if self.argv else None,
+            "cwd": self.cwd, "env": dict(self.env), "stdin": self.stdin,
+            "timeout": self.timeout, "stall_timeout": self.stall_timeout,
+            "detach": self.detach, "stream_mode": self.stream_mode, "name": self.name,
+        }
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    action: str  # "PAUSE" | "RESUME" | "CANCEL"
+    job_id: str | None
+
+
+# ---------------------------------------------------------------- encoding
+
+def encode(message: dict) -> str:
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+
+
+def response(request_id: Any, result: Any) -> str:
+    return encode({"jsonrpc": JSONRPC, "result": result, "id": request_id})
+
+
+def error_response(request_id: Any, code: int, message: str, data: Any = None) -> str:
+    error = {"code": code, "message": message, "data": data}
+    return encode({"jsonrpc": JSONRPC, "error": error, "id": request_id})
+
+
+def notification(method: str, params: dict) -> str:
+    return encode({"jsonrpc": JSONRPC, "method": method, "params": params})
+
+
+def connected(session_id: str, version: str) -> str:
+    return notification("connected", {
+        "session_id": session_id, "version": version, "capabilities": CAPABILITIES,
+    })
+
+
+def process_state(status: str, job_id: str, pid: int | None, pgid: int | None) -> str:
+    """`process.started` / `.paused` / `.resumed` / `.canceled` share one shape."""
+    return notification(f"process.{status}", {
+        "status": status, "pid": pid, "pgid": pgid, "exit_code": None,
+        "error": None, "job_id": job_id,
+    })
+
+
+def process_queued(job_id: str, position: int | None, after: str | None = None) -> str:
+    params: dict[str, Any] = {"job_id": job_id, "position": position}
+    if after is not None:
+        params["after"] = after
+    return notification("process.queued", params)
+
+
+def process_output(job_id: str, stream: str, piece: "Piece") -> str:
+    return notification("process.output", {
+        "type": stream, "data": piece.data, "truncated": piece.truncated,
+        "chunk_index": piece.chunk_index, "total_chunks": piece.total_chunks,
+        "job_id": job_id, "offset": piece.offset, "size": piece.size,
+    })
+
+
+def process_completed(job_id: str, pid: int | None, pgid: int | None, exit_code: int,
+                      reason: str, error: str | None, execution_time: float,
+                      stdout_bytes: int, stderr_bytes: int) -> str:
+    return notification("process.completed", {
+        "status": "completed" if exit_code == 0 else "failed",
+        "pid": pid, "pgid": pgid, "exit_code": exit_code, "error": error,
+        "job_id": job_id, "reason": reason,
+        "execution_time": round(execution_time, 6),
+        "stdout_bytes": stdout_bytes, "stderr_bytes": stderr_bytes,
+    })
+
+
+def heartbeat(timestamp: float, jobs: list[tuple[str, float]]) -> str:
+    return notification("heartbeat", {
+        "timestamp": timestamp,
+        "jobs": [{"job_id": j, "silent_for": round(s, 3)} for j, s in jobs],
+    })
+
+
+def execute_result(status: str, job_id: str, pid: int | None = None,
+                   pgid: int | None = None) -> dict:
+    return {"status": status, "pid": pid, "pgid": pgid, "job_id": job_id}
+
+
+# ----------------------------------------------------------------- parsing
+
+def parse_frame(frame: str | bytes) -> Request:
+    """Turn one WebSocket frame into a Request, or raise ProtocolError."""
+    if isinstance(frame, (bytes, bytearray, memoryview)):
+        raise ProtocolError(INVALID_REQUEST, "Invalid Request: binary frames are not accepted, send JSON text frames")
+    try:
+        message = json.loads(frame)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(PARSE_ERROR, f"Parse error: {exc}"[:300]) from None
+    if not isinstance(message, dict):
+        raise ProtocolError(INVALID_REQUEST, "Invalid Request: a request must be a JSON object")
+    has_id = "id" in message
+    request_id = message.get("id")
+    if has_id and (isinstance(request_id, bool) or not isinstance(request_id, (str, int))):
+        raise ProtocolError(INVALID_REQUEST, "Invalid Request: 'id' must be a string or an integer")
+    rid = request_id if has_id else None
+    if message.get("jsonrpc") != JSONRPC:
+        raise ProtocolError(INVALID_REQUEST, "Invalid Request: 'jsonrpc' must be \"2.0\"", request_id=rid)
+    method = message.get("method")
+    if not isinstance(method, str) or not method:
+        raise ProtocolError(INVALID_REQUEST, "Invalid Request: 'method' must be a non-empty string", request_id=rid)
+    params = message.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ProtocolError(INVALID_PARAMS, "Invalid params: 'params' must be an object", request_id=rid)
+    return Request(method=method, params=params, id=rid, has_id=has_id)
+
+
+def _invalid(request: Request, param: str, why: str) -> ProtocolError:
+    return ProtocolError(INVALID_PARAMS, f"Invalid params: '{param}' {why}",
+                         {"param": param}, request.id)
+
+
+def _seconds(request: Request, name: str, allow_zero: bool) -> float | None:
+    value = request.params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise _invalid(request, name, "must be a number of seconds")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise _invalid(request, name, "must be a number of seconds") from None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _invalid(request, name, "must be a finite number of seconds")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise _invalid(request, name, "must be greater than zero" if not allow_zero else "must not be negative")
+    return float(value)
+
+
+def _optional_str(request: Request, name: str) -> str | None:
+    value = request.params.get(name)
+    if value is not None and not isinstance(value, str):
+        raise _invalid(request, name, "must be a string")
+    return value
+
+
+def _flag(request: Request, name: str) -> bool:
+    value = request.params.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _invalid(request, name, "must be true or false")
+    return value
+
+
+def _command_or_argv(request: Request) -> tuple[str | None, tuple[str, ...] | None]:
+    command, argv = request.params.get("command"), request.params.get("argv")
+    if argv is not None:
+        if command is not None:
+            raise _invalid(request, "argv", "cannot be combined with 'command'")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise _invalid(request, "argv", "must be a non-empty list of strings")
+        if not argv[0] or any("\0" in a for a in argv):
+            raise _invalid(request, "argv", "must not hold NUL bytes or an empty program")
+        return None, tuple(argv)
+    if not isinstance(command, str) or not command.strip():
+        raise _invalid(request, "command", "is required and must be a non-empty string")
+    if "\0" in command:
+        raise _invalid(request, "command", "must not contain NUL bytes")
+    return command, None
+
+
+def _env(request: Request) -> dict[str, str]:
+    env = request.params.get("env")
+    if env is None:
+        return {}
+    if not isinstance(env, dict) or not all(
+            isinstance(k, str) and k and "=" not in k and "\0" not in k
+            and isinstance(v, str) and "\0" not in v for k, v in env.items()):
+        raise _invalid(request, "env", "must be an object of string names (no '=') to string values")
+    return dict(env)
+
+
+def parse_execute(request: Request) -> ExecuteSpec:
+    command, argv = _command_or_argv(request)
+    stream_mode = request.params.get("stream_mode", "lines") or "lines"
+    if stream_mode not in STREAM_MODES:
+        raise _invalid(request, "stream_mode", "must be \"lines\" or \"chunks\"")
+    stdin = _optional_str(request, "stdin")
+    if stdin == "pipe":
+        raise _invalid(request, "stdin", "\"pipe\" is not supported yet; pass the input as a string")
+    cwd = _optional_str(request, "cwd")
+    if cwd is not None and ("\0" in cwd or not cwd):
+        raise _invalid(request, "cwd", "must be a non-empty path")
+    return ExecuteSpec(
+        command=command, argv=argv, cwd=cwd, env=_env(request), stdin=stdin,
+        timeout=_seconds(request, "timeout", allow_zero=False),
+        stall_timeout=_seconds(request, "stall_timeout", allow_zero=True),
+        detach=_flag(request, "detach"), parallel=_flag(request, "parallel"),
+        stream_mode=stream_mode, name=_optional_str(request, "name"),
+    )
+
+
+def parse_control(request: Request) -> ControlSpec:
+    kind = request.params.get("type")
+    if not isinstance(kind, str) or kind.upper() not in CONTROL_TYPES:
+        raise _invalid(request, "type", "must be one of PAUSE, RESUME, CANCEL")
+    return ControlSpec(action=kind.upper(), job_id=_optional_str(request, "job_id"))
+
+
+# ------------------------------------------------------------ output split
+
+@dataclass(frozen=True)
+class Piece:
+    """One `process.output` message's worth of a stream."""
+
+    data: str
+    offset: int
+    size: int
+    truncated: bool = False
+    chunk_index: int | None = None
+    total_chunks: int | None = None
+
+
+def _utf8_cut(buf: bytes | bytearray, limit: int) -> int:
+    """The largest cut <= limit that does not split a UTF-8 character."""
+    if len(buf) <= limit:
+        return len(buf)
+    cut = limit
+    # Step back over continuation bytes (10xxxxxx), at most three of them.
+    while cut > limit - 3 and (buf[cut] & 0xC0) == 0x80:
+        cut -= 1
+    return cut if (buf[cut] & 0xC0) != 0x80 else limit
+
+
+def _complete_utf8_prefix(buf: bytes | bytearray) -> int:
+    """Length of buf without a trailing, still incomplete UTF-8 sequence."""
+    end = len(buf)
+    for back in range(1, min(4, end) + 1):
+        byte = buf[end - back]
+        if byte & 0xC0 != 0x80:  # a lead byte or ASCII
+            need = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 1
+            return end - back if need > back else end
+    return end
+
+
+def _decode(raw: bytes | bytearray) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+class OutputSplitter:
+    """Cuts one output stream into `process.output` pieces.
+
+    "lines": one piece per line, lines over CHUNK_CHARS cut into chunks.
+    "chunks": up to CHUNK_CHARS bytes per piece, cut at a line end if possible.
+    Pieces never split a UTF-8 character, so each `size` is exact and a
+    client can resume from the last piece's offset + size.
+    """
+
+    def __init__(self, mode: str = "lines", offset: int = 0, limit: int = CHUNK_CHARS):
+        self.mode = mode
+        self.offset = offset  # raw offset of the first byte still in self._buf
+        self.limit = limit
+        self._buf = bytearray()
+        self._chunk_index = 0  # chunk number within the current long line
+        self._total: int | None = None
+
+    def feed(self, data: bytes) -> list[Piece]:
+        self._buf += data
+        return self._split(final=False)
+
+    def finish(self) -> list[Piece]:
+        """End of stream: everything still held goes out."""
+        return self._split(final=True)
+
+    def _take(self, size: int, **kw: Any) -> Piece:
+        raw = bytes(self._buf[:size])
+        del self._buf[:size]
+        piece = Piece(_decode(raw), self.offset, size, **kw)
+        self.offset += size
+        return piece
+
+    def _split(self, final: bool) -> list[Piece]:
+        split = self._split_lines if self.mode == "lines" else self._split_chunks
+        pieces = split(final)
+        if final and self._buf:  # an undecodable tail, when final
+            pieces.append(self._take(len(self._buf)))
+        return pieces
+
+    def _split_chunks(self, final: bool) -> list[Piece]:
+        pieces = []
+        while self._buf:
+            if len(self._buf) > self.limit:
+                newline = self._buf.rfind(b"\n", 0, self.limit)
+                size = newline + 1 if newline >= 0 else _utf8_cut(self._buf, self.limit)
+            else:
+                size = len(self._buf) if final else _complete_utf8_prefix(self._buf)
+            if size == 0:
+                break
+            pieces.append(self._take(size))
+        return pieces
+
+    def _split_lines(self, final: bool) -> list[Piece]:
+        pieces = []
+        while self._buf:
+            newline = self._buf.find(b"\n", 0, self.limit + 1)
+            if newline >= 0 and (self._chunk_index == 0 or newline + 1 <= self.limit):
+                pieces.append(self._line_end(newline + 1))
+            elif len(self._buf) > self.limit:
+                pieces.append(self._long_line_chunk())
+            elif final:
+                pieces.append(self._line_end(len(self._buf)))
+            else:
+                break
+        return pieces
+
+    def _line_end(self, size: int) -> Piece:
+        """The last (or only) piece of a line."""
+        if size > self.limit:  # a line of exactly limit chars plus its newline
+            return self._long_line_chunk()
+        if self._chunk_index == 0:
+            return self._take(size)
+        piece = self._take(size, truncated=False, chunk_index=self._chunk_index,
+                           total_chunks=self._total)
+        self._chunk_index, self._total = 0, None
+        return piece
+
+    def _long_line_chunk(self) -> Piece:
+        """A non-final chunk of a line longer than the limit."""
+        if self._chunk_index == 0:
+            self._total = self._count_chunks()
+        size = _utf8_cut(self._buf, self.limit)
+        piece = self._take(size, truncated=True, chunk_index=self._chunk_index,
+                           total_chunks=self._total)
+        self._chunk_index += 1
+        return piece
+
+    def _count_chunks(self) -> int | None:
+        """Chunks of the current line, when its end is already buffered."""
+        newline = self._buf.find(b"\n")
+        if newline < 0:
+            return None
+        count, rest = 0, memoryview(self._buf)[:newline + 1]
+        while len(rest) > self.limit:
+            rest = rest[_utf8_cut(rest, self.limit):]
+            count += 1
+        return count + 1
