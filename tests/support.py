@@ -1,0 +1,186 @@
+"""Test support: a real ccexecd in a temp dir, and bounded waits.
+
+Every daemon a test starts carries a unique mark in its environment, which
+its jobs inherit; after the daemon stops, no process with that mark may be
+left alive. Only PIDs these helpers started are ever signalled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import configparser
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_CLAUDE_DIR = ROOT / "tests" / "fake_claude"
+CCEXECD = [str(Path(sys.executable).parent / "ccexecd")]  # the installed console script
+MARK = "CCEXEC_TEST_DAEMON_MARK"
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll predicate until it returns a truthy value; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} not met within {timeout} s")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port: int, path: str, timeout: float = 5) -> tuple[int, bytes, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as reply:
+            return reply.status, reply.read(), dict(reply.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)
+
+
+def marked_processes(mark: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(MARK) == mark and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+class Daemon:
+    """A real ccexecd on a free loopback port, in its own temp directory."""
+
+    def __init__(self, tmp: Path, settings: dict | None = None, env: dict | None = None,
+                 handlers: int = 2, executors: int = 2):
+        self.tmp = tmp
+        self.port = free_port()
+        self.state_dir = tmp / "state"
+        self.workdir = tmp / "work"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config = tmp / "ccexec.ini"
+        self.log_path = tmp / "ccexecd.log"
+        self.mark = uuid.uuid4().hex
+        self.handlers, self.executors = handlers, executors
+        self._write_config(settings or {})
+        self.env = {**os.environ, MARK: self.mark,
+                    "PATH": os.pathsep.join([str(FAKE_CLAUDE_DIR), str(Path(sys.executable).parent),
+                                             os.environ.get("PATH", "")]),
+                    **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def _write_config(self, settings: dict) -> None:
+        ini = configparser.ConfigParser(interpolation=None)
+        ini.read(ROOT / "etc" / "ccexec.ini")
+        base = {"workdir": str(self.workdir), "heartbeat_interval": "6", "detach_grace": "3",
+                "kill_grace": "1"}
+        for key, value in {**base, **settings}.items():
+            ini.set("ccexec", key, str(value))
+        with open(self.config, "w") as f:
+            ini.write(f)
+
+    def command(self) -> list[str]:
+        return [*CCEXECD, "--config", str(self.config), "--port", str(self.port),
+                "--state-dir", str(self.state_dir), "--handlers", str(self.handlers),
+                "--executors", str(self.executors)]
+
+    def start(self, timeout: float = 20) -> "Daemon":
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), env=self.env, cwd=self.tmp,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.wait_ready(timeout)
+        return self
+
+    def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"ccexecd exited with {self.proc.returncode}:\n{self.log_tail()}")
+        try:
+            return http_get(self.port, "/ready", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        wait_for(self.ready, timeout, 0.05, "daemon ready")
+
+    def health(self) -> dict:
+        return json.loads(http_get(self.port, "/health")[1])
+
+    def processes(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def role_pids(self, role: str) -> list[int]:
+        pids = []
+        for proc in self.processes():
+            try:
+                cmdline = proc.cmdline()
+            except psutil.Error:
+                continue
+            if cmdline[1:4] == ["-m", "ccexec", role]:
+                pids.append(proc.pid)
+        return sorted(pids)
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 40) -> int:
+        """SIGTERM the arbiter; returns its exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise
+
+    def leftovers(self, timeout: float = 5) -> list[psutil.Process]:
+        """Processes of this daemon (and its jobs) still alive after it stopped."""
+        try:
+            wait_for(lambda: not marked_processes(self.mark), timeout, 0.1)
+        except TimeoutError:
+            pass
+        return marked_processes(self.mark)
+
+    def cleanup(self) -> None:
+        """Last resort: kill what this daemon left (only its own marked PIDs)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        for proc in marked_processes(self.mark):
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        if getattr(self, "log", None):
+            self.log.close()
+
+
+def run(coro, timeout: float = 120):
+    """Run a coroutine with a hard bound, from a sync test."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
