@@ -38,6 +38,7 @@ log = logging.getLogger("ccexec.handler")
 WS_PATHS = ("/ws", "/ws/mcp")
 INLINE_LIMIT = 4 << 20  # bytes of live output held per stream before the journal takes over
 CONTROL_TIMEOUT = 10.0
+CHUNK_FLUSH_DELAY = 0.05  # seconds of quiet before "chunks" mode sends a partial line
 HOOK_STATUS = {"enabled": False, "hooks_configured": []}
 
 
@@ -135,8 +136,7 @@ class JobStream:
     async def pump(self) -> None:
         try:
             while not self.finished:
-                await self.wake.wait()
-                self.wake.clear()
+                await self.wait_for_events()
                 while self.notices:
                     await self.session.send(self.notices.popleft())
                 for stream in STREAMS:
@@ -150,6 +150,18 @@ class JobStream:
         finally:
             self.finished = True
             self.session.job_done(self)
+
+    async def wait_for_events(self) -> None:
+        """Wait to be woken; a held partial chunk goes out when output pauses."""
+        holding = [s for s in STREAMS if self.streams[s].splitter.mode == "chunks"
+                   and self.streams[s].splitter.holding]
+        try:
+            await asyncio.wait_for(self.wake.wait(), CHUNK_FLUSH_DELAY if holding else None)
+        except asyncio.TimeoutError:
+            for stream in holding:
+                for piece in self.streams[stream].splitter.flush():
+                    await self.session.send(protocol.process_output(self.job_id, stream, piece))
+        self.wake.clear()
 
     async def deliver(self, stream: str) -> None:
         state = self.streams[stream]

@@ -334,7 +334,8 @@ class OutputSplitter:
     """Cuts one output stream into `process.output` pieces.
 
     "lines": one piece per line, lines over CHUNK_CHARS cut into chunks.
-    "chunks": up to CHUNK_CHARS bytes per piece, cut at a line end if possible.
+    "chunks": up to CHUNK_CHARS bytes per piece, cut at a line end if possible;
+    a partial last line waits for more data until the caller flush()es it.
     Pieces never split a UTF-8 character, so each `size` is exact and a
     client can resume from the last piece's offset + size.
     """
@@ -375,12 +376,21 @@ class OutputSplitter:
             if len(self._buf) > self.limit:
                 newline = self._buf.rfind(b"\n", 0, self.limit)
                 size = newline + 1 if newline >= 0 else _utf8_cut(self._buf, self.limit)
-            else:
-                size = len(self._buf) if final else _complete_utf8_prefix(self._buf)
+            else:  # hold a partial last line back, until more data, flush() or the end
+                size = len(self._buf) if final else self._buf.rfind(b"\n") + 1
             if size == 0:
                 break
             pieces.append(self._take(size))
         return pieces
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._buf)
+
+    def flush(self) -> list[Piece]:
+        """Chunks mode, stream gone quiet: send the held partial line now."""
+        size = _complete_utf8_prefix(self._buf)
+        return [self._take(size)] if size else []
 
     def _split_lines(self, final: bool) -> list[Piece]:
         pieces = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import configparser
+import functools
 import json
 import os
 import signal
@@ -184,3 +185,13 @@ class Daemon:
 def run(coro, timeout: float = 120):
     """Run a coroutine with a hard bound, from a sync test."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def async_test(timeout: float = 60):
+    """Run an async test function on a fresh loop, bounded by timeout."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def test(*args, **kwargs):
+            return run(fn(*args, **kwargs), timeout)
+        return test
+    return wrap

@@ -1,0 +1,381 @@
+"""Jobs end to end: output exactness, execution semantics, sequencing, queueing."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import random
+import signal
+import sys
+import time
+
+import psutil
+import pytest
+
+from ccexec.client import Client, run as run_sync
+from support import async_test, wait_for
+from wire import Wire
+
+PY = sys.executable
+
+# ------------------------------------------------------------------ output
+
+
+def _assert_contiguous(outputs: list[dict]) -> None:
+    offset = 0
+    for piece in outputs:
+        assert piece["offset"] == offset
+        offset += piece["size"]
+
+
+@async_test(120)
+async def test_eight_mib_line_arrives_byte_exact_in_64k_chunks(daemon):
+    wire = await Wire.open(daemon.url)
+    _, completed = await wire.run(120, command=f"{PY} -c \"import sys; sys.stdout.write('x' * (8 << 20) + chr(10))\"")
+    outputs = wire.outputs(completed["job_id"])
+    assert wire.text(completed["job_id"]) == "x" * (8 << 20) + "\n"
+    assert [p["chunk_index"] for p in outputs] == list(range(129))
+    assert all(len(p["data"]) <= 65536 for p in outputs)
+    assert all(p["truncated"] for p in outputs[:-1]) and not outputs[-1]["truncated"]
+    _assert_contiguous(outputs)
+    assert completed["stdout_bytes"] == (8 << 20) + 1
+    await wire.close()
+
+
+def _random_base64_lines(seed: int, raw_bytes: int, width: int) -> str:
+    text = base64.b64encode(random.Random(seed).randbytes(raw_bytes)).decode()
+    return "".join(text[i:i + width] + "\n" for i in range(0, len(text), width))
+
+
+GENERATOR = (f"{PY} -c \"import base64, random, sys; "
+             "text = base64.b64encode(random.Random({seed}).randbytes({raw})).decode(); "
+             "[sys.stdout.write(text[i:i + {width}] + chr(10)) for i in range(0, len(text), {width})]\"")
+
+
+@pytest.mark.parametrize("mode, width", [("lines", 4096), ("chunks", 76)])
+@async_test(240)
+async def test_64_mib_of_output_arrives_byte_exact(daemon, mode, width):
+    raw = 48 << 20  # base64 makes 64 MiB of it
+    wire = await Wire.open(daemon.url)
+    _, completed = await wire.run(240, command=GENERATOR.format(seed=7, raw=raw, width=width), stream_mode=mode)
+    outputs = wire.outputs(completed["job_id"])
+    expected = _random_base64_lines(7, raw, width)
+    received = "".join(p["data"] for p in outputs)
+    assert len(received) == len(expected) and hashlib.sha256(received.encode()).digest() == \
+        hashlib.sha256(expected.encode()).digest()
+    _assert_contiguous(outputs)
+    if mode == "chunks":
+        assert max(p["size"] for p in outputs) <= 65536 and all(p["data"].endswith("\n") for p in outputs)
+    else:
+        assert all(p["data"].endswith("\n") and len(p["data"]) == width + 1 for p in outputs[:-1])
+    await wire.close()
+
+
+@async_test()
+async def test_multibyte_characters_are_never_split(daemon):
+    wire = await Wire.open(daemon.url)
+    line = "é€😀" * 30000
+    _, completed = await wire.run(command=f"{PY} -c \"print('é€😀' * 30000)\"")
+    outputs = wire.outputs(completed["job_id"])
+    assert wire.text(completed["job_id"]) == line + "\n"
+    assert sum(p["size"] for p in outputs) == len((line + "\n").encode())
+    _assert_contiguous(outputs)
+    assert len(outputs) > 1 and all(len(p["data"]) <= 65536 for p in outputs)
+    await wire.close()
+
+
+@async_test()
+async def test_last_line_without_newline_is_delivered(daemon):
+    wire = await Wire.open(daemon.url)
+    _, completed = await wire.run(command="printf 'a\\nb'")
+    assert [p["data"] for p in wire.outputs(completed["job_id"])] == ["a\n", "b"]
+    await wire.close()
+
+
+@async_test(60)
+async def test_full_pipes_on_both_streams_never_deadlock(daemon):
+    script = ("import sys\nfor i in range(64):\n    sys.stderr.write('e' * 65536)\n    sys.stdout.write('o' * 65536)\n"
+              "    sys.stderr.flush(); sys.stdout.flush()")
+    wire = await Wire.open(daemon.url)
+    _, completed = await wire.run(60, argv=[PY, "-c", script], stream_mode="chunks")
+    assert (completed["stdout_bytes"], completed["stderr_bytes"]) == (4 << 20, 4 << 20)
+    assert wire.text(completed["job_id"]) == "o" * (4 << 20)
+    assert wire.text(completed["job_id"], "stderr") == "e" * (4 << 20)
+    await wire.close()
+
+
+# ------------------------------------------------------------------ semantics
+
+
+@async_test()
+async def test_unknown_command_exits_127_not_an_error(daemon):
+    wire = await Wire.open(daemon.url)
+    _, completed = await wire.run(command="no_such_command_anywhere")
+    assert (completed["exit_code"], completed["reason"], completed["status"]) == (127, "exit", "failed")
+    await wire.close()
+
+
+@async_test()
+async def test_death_by_signal_is_minus_n_with_reason_signal(daemon):
+    wire = await Wire.open(daemon.url)
+    _, completed = await wire.run(command="kill -USR1 $$")
+    assert (completed["exit_code"], completed["reason"]) == (-signal.SIGUSR1, "signal")
+    await wire.close()
+
+
+@async_test()
+async def test_stdin_is_dev_null_by_default_and_a_string_when_given(daemon):
+    wire = await Wire.open(daemon.url)
+    _, empty = await wire.run(command="cat; echo end")
+    assert wire.text(empty["job_id"]) == "end\n"
+    _, fed = await wire.run(command="cat", stdin="line one\nline two\n")
+    assert wire.text(fed["job_id"]) == "line one\nline two\n"
+    await wire.close()
+
+
+@async_test()
+async def test_environment_policy(make_daemon):
+    d = make_daemon(env={"ANTHROPIC_API_KEY": "secret", "DAEMON_VAR": "kept"})
+    wire = await Wire.open(d.url)
+    show = f"{PY} -c \"import os; print([os.environ.get(k) for k in ('ANTHROPIC_API_KEY', 'DAEMON_VAR', 'PYTHONUNBUFFERED', 'MINE')])\""
+    _, completed = await wire.run(command=show, env={"MINE": "yes", "ANTHROPIC_API_KEY": "from-client"})
+    assert wire.text(completed["job_id"]) == "[None, 'kept', '1', 'yes']\n"
+    await wire.close()
+
+
+@async_test()
+async def test_working_directory_default_and_cwd_param(daemon, tmp_path):
+    wire = await Wire.open(daemon.url)
+    _, default = await wire.run(command="pwd")
+    assert wire.text(default["job_id"]) == f"{daemon.workdir}\n"
+    _, chosen = await wire.run(command="pwd", cwd=str(tmp_path))
+    assert wire.text(chosen["job_id"]) == f"{tmp_path}\n"
+    await wire.close()
+
+
+@async_test()
+async def test_missing_cwd_is_rejected_with_a_completed_message(daemon):
+    wire = await Wire.open(daemon.url)
+    result, completed = await wire.run(command="pwd", cwd="/does/not/exist")
+    assert result["status"] == "rejected" and result["pid"] is None
+    assert (completed["reason"], completed["status"]) == ("rejected", "failed")
+    assert "/does/not/exist" in completed["error"]
+    await wire.close()
+
+
+@async_test()
+async def test_argv_runs_without_a_shell(daemon):
+    wire = await Wire.open(daemon.url)
+    _, completed = await wire.run(argv=["printf", "%s|%s", "$HOME", "a b"])
+    assert wire.text(completed["job_id"]) == "$HOME|a b"
+    _, missing = await wire.run(argv=["no_such_program_anywhere"])
+    assert (missing["exit_code"], missing["reason"]) == (127, "exit")
+    await wire.close()
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _tree(pid: int, count: int) -> list[int]:
+    """The pids of a job's process tree, once it has `count` descendants."""
+    def found():
+        try:
+            kids = psutil.Process(pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return None
+        return [pid] + [k.pid for k in kids] if len(kids) >= count else None
+    return wait_for(found, 10, what="job tree")
+
+
+@async_test()
+async def test_timeout_kills_the_whole_tree_with_reason_timeout(daemon):
+    wire = await Wire.open(daemon.url)
+    result = await wire.execute(command="sleep 60 & sleep 60 & wait", timeout=1)
+    pids = _tree(result["pid"], 2)
+    completed = await wire.completed(result["job_id"], 15)
+    assert (completed["reason"], completed["status"]) == ("timeout", "failed")
+    assert 1 <= completed["execution_time"] < 10
+    assert not _alive(pids)
+    await wire.close()
+
+
+@async_test()
+async def test_cancel_kills_the_whole_process_group(daemon):
+    wire = await Wire.open(daemon.url)
+    result = await wire.execute(command="sleep 60 & sleep 60 & wait")
+    pids = _tree(result["pid"], 2)
+    answer = await wire.answer(await wire.request("control", {"type": "CANCEL"}))
+    assert answer["result"]["status"] == "canceled"
+    await wire.until(lambda m: m.get("method") == "process.canceled", 10)
+    completed = await wire.completed(result["job_id"], 15)
+    assert completed["reason"] == "canceled" and completed["exit_code"] < 0
+    assert not _alive(pids)
+    await wire.close()
+
+
+@async_test()
+async def test_pause_and_resume_stop_and_continue_the_group(daemon):
+    wire = await Wire.open(daemon.url)
+    result = await wire.execute(command="sleep 30 & wait")
+    pids = _tree(result["pid"], 1)
+    paused = await wire.answer(await wire.request("control", {"type": "pause", "job_id": result["job_id"]}))
+    assert paused["result"]["status"] == "paused"
+    notice = await wire.until(lambda m: m.get("method") == "process.paused", 10)
+    assert notice["params"]["job_id"] == result["job_id"] and notice["params"]["pid"] == result["pid"]
+    wait_for(lambda: all(psutil.Process(p).status() == psutil.STATUS_STOPPED for p in pids), 5)
+    resumed = await wire.answer(await wire.request("control", {"type": "RESUME"}))
+    assert resumed["result"]["status"] == "resumed"
+    wait_for(lambda: all(psutil.Process(p).status() != psutil.STATUS_STOPPED for p in pids), 5)
+    await wire.answer(await wire.request("control", {"type": "CANCEL"}))
+    assert (await wire.completed(result["job_id"]))["reason"] == "canceled"
+    await wire.close()
+
+
+@async_test()
+async def test_cancel_of_a_paused_job_still_ends_it(daemon):
+    wire = await Wire.open(daemon.url)
+    result = await wire.execute(command="sleep 30")
+    await wire.answer(await wire.request("control", {"type": "PAUSE"}))
+    await wire.answer(await wire.request("control", {"type": "CANCEL"}))
+    completed = await wire.completed(result["job_id"], 15)
+    assert completed["reason"] == "canceled"
+    assert not _alive([result["pid"]])
+    await wire.close()
+
+
+@async_test(60)
+async def test_silent_job_runs_on_and_heartbeats_report_its_silence(daemon):
+    """No timeout: a long silence is neither killed nor reported finished."""
+    wire = await Wire.open(daemon.url)
+    started = time.monotonic()
+    result = await wire.execute(command="sleep 13; echo awake")
+    completed = await wire.completed(result["job_id"], 40)
+    assert time.monotonic() - started >= 13
+    assert completed["reason"] == "exit" and wire.text(result["job_id"]) == "awake\n"
+    beats = [m["params"] for m in wire.messages if m.get("method") == "heartbeat"]
+    assert len(beats) >= 2  # every 6 s in the test config
+    silences = [b["jobs"][0]["silent_for"] for b in beats if b["jobs"]]
+    assert silences == sorted(silences) and silences[-1] >= 10
+    await wire.close()
+
+
+# ------------------------------------------------------------------ sequencing
+
+
+@async_test()
+async def test_second_execute_on_a_busy_connection_is_queued_behind_the_first(daemon):
+    wire = await Wire.open(daemon.url)
+    first = await wire.execute(command="sleep 1; echo first")
+    second = await wire.execute(command="echo second")
+    assert first["status"] == "started" and second["status"] == "queued" and second["pid"] is None
+    await wire.completed(second["job_id"])
+    order = [m["params"]["job_id"] for m in wire.messages if m.get("method") in ("process.completed", "process.started")]
+    assert order == [first["job_id"], first["job_id"], second["job_id"], second["job_id"]]
+    await wire.close()
+
+
+@async_test()
+async def test_parallel_jobs_on_one_connection_run_together(daemon):
+    wire = await Wire.open(daemon.url)
+    first = await wire.execute(command="sleep 2", parallel=True)
+    second = await wire.execute(command="echo now", parallel=True)
+    assert second["status"] == "started"
+    await wire.completed(second["job_id"])
+    assert not [m for m in wire.of_job(first["job_id"]) if m.get("method") == "process.completed"]
+    await wire.completed(first["job_id"])
+    await wire.close()
+
+
+@async_test(60)
+async def test_global_fifo_queue_positions_and_busy_error(make_daemon):
+    d = make_daemon(executors=1, settings={"slots_per_executor": 1, "max_queue": 2})
+    wire = await Wire.open(d.url)
+    running = await wire.execute(command="sleep 30", parallel=True)
+    waiting = [await wire.execute(command=f"echo {i}", parallel=True) for i in (1, 2)]
+    assert [w["status"] for w in waiting] == ["queued", "queued"]
+    await wire.until(lambda m: m.get("method") == "process.queued" and m["params"]["job_id"] == waiting[1]["job_id"], 10)
+    positions = {m["params"]["job_id"]: m["params"]["position"] for m in wire.messages
+                 if m.get("method") == "process.queued"}
+    assert [positions[w["job_id"]] for w in waiting] == [1, 2]
+    refused = await wire.answer(await wire.request("execute", {"command": "echo 3", "parallel": True}))
+    assert refused["error"]["code"] == -32005 and refused["error"]["data"]["retry_after"] >= 1
+    await wire.answer(await wire.request("control", {"type": "CANCEL", "job_id": running["job_id"]}))
+    for w in waiting:  # FIFO: 1 then 2, and the second moved up to position 1 meanwhile
+        await wire.completed(w["job_id"])
+    moved = [m["params"]["position"] for m in wire.messages
+             if m.get("method") == "process.queued" and m["params"]["job_id"] == waiting[1]["job_id"]]
+    assert moved == [2, 1]
+    starts = [m["params"]["job_id"] for m in wire.messages if m.get("method") == "process.started"]
+    assert starts == [running["job_id"], waiting[0]["job_id"], waiting[1]["job_id"]]
+    await wire.close()
+
+
+@async_test()
+async def test_canceling_a_queued_job_completes_it_without_running(make_daemon):
+    d = make_daemon(executors=1, settings={"slots_per_executor": 1})
+    wire = await Wire.open(d.url)
+    running = await wire.execute(command="sleep 30", parallel=True)
+    queued = await wire.execute(command="echo never", parallel=True)
+    await wire.answer(await wire.request("control", {"type": "CANCEL", "job_id": queued["job_id"]}))
+    completed = await wire.completed(queued["job_id"])
+    assert completed["reason"] == "canceled" and completed["pid"] is None and wire.text(queued["job_id"]) == ""
+    await wire.answer(await wire.request("control", {"type": "CANCEL", "job_id": running["job_id"]}))
+    await wire.completed(running["job_id"])
+    await wire.close()
+
+
+# ------------------------------------------------------------------ disconnects
+
+
+@async_test(60)
+async def test_disconnect_cancels_the_job_after_detach_grace(daemon):
+    wire = await Wire.open(daemon.url)
+    result = await wire.execute(command="sleep 60")
+    await wire.close()
+    closed_at = time.monotonic()
+    wait_for(lambda: not _alive([result["pid"]]), 20, 0.1, "abandoned job to end")
+    assert time.monotonic() - closed_at >= 2.5  # detach_grace is 3 s in the test config
+
+
+@async_test(60)
+async def test_detached_job_outlives_its_client(daemon):
+    wire = await Wire.open(daemon.url)
+    result = await wire.execute(command="sleep 6; echo done", detach=True)
+    await wire.close()
+    closed_at = time.monotonic()
+    wait_for(lambda: time.monotonic() - closed_at > 4.5, 10)  # past detach_grace + kill_grace
+    assert _alive([result["pid"]])
+    finished = f"job.finished job_id={result['job_id']}"
+    line = wait_for(lambda: next((l for l in daemon.log_tail(300).splitlines() if finished in l), None), 20, 0.2)
+    assert "reason=exit" in line and "exit=0" in line
+
+
+# ------------------------------------------------------------------ client library
+
+
+@async_test()
+async def test_async_client_streams_events_and_controls(daemon):
+    async with Client(daemon.url) as client:
+        job = await client.execute("echo a; sleep 30")
+        events = job.events(timeout=10)
+        assert (await events.__anext__())["method"] == "process.started"
+        output = await events.__anext__()
+        assert output["params"]["data"] == "a\n"
+        assert (await job.control("CANCEL"))["status"] == "canceled"
+        result = await job.wait(15)
+        assert result.reason == "canceled" and result.stdout == "a\n"
+
+
+def test_sync_client_runs_a_command(daemon):
+    result = run_sync("echo sync; exit 4", url=daemon.url, wait_timeout=20)
+    assert (result.stdout, result.exit_code, result.status) == ("sync\n", 4, "failed")
