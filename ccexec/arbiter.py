@@ -79,10 +79,23 @@ def prepare(config_file: str | None, **overrides) -> tuple[config.Settings, str]
     return settings, path
 
 
+class _ShutdownRaceFilter(logging.Filter):
+    """Drop Circus's ConflictError tracebacks from a periodic watcher check
+    that fires while the arbiter is stopping: harmless, but it reads like a
+    failure in the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from circus.exc import ConflictError
+
+        return not (record.exc_info and isinstance(record.exc_info[1], ConflictError))
+
+
 def run_circus(path: str) -> int:
     from circus.arbiter import Arbiter
     from circus.util import check_future_exception_and_log
 
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ShutdownRaceFilter())
     arbiter = Arbiter.load_from_config(path)
     future = arbiter.start()
     return 1 if check_future_exception_and_log(future) is not None else 0

@@ -71,6 +71,14 @@ def _watchers(daemon: Daemon) -> list[dict]:
     return rows
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a daemon that exited counts as stopped before it is reaped)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _rss_mib(pid: int | None) -> float | None:
     try:
         return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
@@ -133,9 +141,9 @@ def stop(ctx: click.Context, timeout: float) -> None:
         click.echo(f"ccexecd is not running ({exc.message})", err=True)
         sys.exit(EXIT_DOWN)
     deadline = time.monotonic() + timeout
-    while pid and psutil.pid_exists(pid) and time.monotonic() < deadline:
+    while pid and _running(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if pid and psutil.pid_exists(pid):
+    if pid and _running(pid):
         click.echo(f"ccexecd (PID {pid}) did not exit within {timeout:g} s", err=True)
         sys.exit(EXIT_FAILED)
     click.echo("stopped")

@@ -207,12 +207,13 @@ def _seconds(request: Request, name: str, allow_zero: bool) -> float | None:
         return None
     if isinstance(value, bool):
         raise _invalid(request, name, "must be a number of seconds")
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise _invalid(request, name, "must be a number of seconds") from None
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not isinstance(value, (str, int, float)):
+        raise _invalid(request, name, "must be a number of seconds")
+    try:
+        value = float(value.strip() if isinstance(value, str) else value)
+    except (ValueError, OverflowError):
+        raise _invalid(request, name, "must be a finite number of seconds") from None
+    if not math.isfinite(value):
         raise _invalid(request, name, "must be a finite number of seconds")
     if value < 0 or (value == 0 and not allow_zero):
         raise _invalid(request, name, "must be greater than zero" if not allow_zero else "must not be negative")
@@ -265,7 +266,8 @@ def _env(request: Request) -> dict[str, str]:
 
 def parse_execute(request: Request) -> ExecuteSpec:
     command, argv = _command_or_argv(request)
-    stream_mode = request.params.get("stream_mode", "lines") or "lines"
+    stream_mode = request.params.get("stream_mode")
+    stream_mode = "lines" if stream_mode is None else stream_mode
     if stream_mode not in STREAM_MODES:
         raise _invalid(request, "stream_mode", "must be \"lines\" or \"chunks\"")
     stdin = _optional_str(request, "stdin")
@@ -315,6 +317,22 @@ def _utf8_cut(buf: bytes | bytearray, limit: int) -> int:
     return cut if (buf[cut] & 0xC0) != 0x80 else limit
 
 
+def _char_cut(buf: bytes | bytearray | memoryview, limit: int) -> int:
+    """Bytes of the first `limit` characters of buf (all of buf if fewer).
+
+    Never splits a character: decoding with surrogateescape maps each
+    undecodable byte to one character and encodes back to the same bytes.
+    """
+    if len(buf) <= limit:
+        return len(buf)
+    if bytes(buf[:limit]).isascii():
+        return limit
+    window = bytes(buf[:4 * limit + 4])
+    window = window[:_complete_utf8_prefix(window)]
+    text = window.decode("utf-8", "surrogateescape")
+    return len(window) if len(text) <= limit else len(text[:limit].encode("utf-8", "surrogateescape"))
+
+
 def _complete_utf8_prefix(buf: bytes | bytearray) -> int:
     """Length of buf without a trailing, still incomplete UTF-8 sequence."""
     end = len(buf)
@@ -333,7 +351,8 @@ def _decode(raw: bytes | bytearray) -> str:
 class OutputSplitter:
     """Cuts one output stream into `process.output` pieces.
 
-    "lines": one piece per line, lines over CHUNK_CHARS cut into chunks.
+    "lines": one piece per line, lines over CHUNK_CHARS characters cut into
+    chunks of at most CHUNK_CHARS characters.
     "chunks": up to CHUNK_CHARS bytes per piece, cut at a line end if possible;
     a partial last line waits for more data until the caller flush()es it.
     Pieces never split a UTF-8 character, so each `size` is exact and a
@@ -385,43 +404,43 @@ class OutputSplitter:
 
     @property
     def holding(self) -> bool:
-        return bool(self._buf)
+        """Chunks mode: whether flush() would send something."""
+        return self.mode == "chunks" and _complete_utf8_prefix(self._buf) > 0
 
     def flush(self) -> list[Piece]:
         """Chunks mode, stream gone quiet: send the held partial line now."""
-        size = _complete_utf8_prefix(self._buf)
+        size = _complete_utf8_prefix(self._buf) if self.mode == "chunks" else 0
         return [self._take(size)] if size else []
 
     def _split_lines(self, final: bool) -> list[Piece]:
         pieces = []
         while self._buf:
-            newline = self._buf.find(b"\n", 0, self.limit + 1)
-            if newline >= 0 and (self._chunk_index == 0 or newline + 1 <= self.limit):
-                pieces.append(self._line_end(newline + 1))
-            elif len(self._buf) > self.limit:
-                pieces.append(self._long_line_chunk())
-            elif final:
-                pieces.append(self._line_end(len(self._buf)))
-            else:
-                break
+            # A line of at most `limit` bytes has at most `limit` characters.
+            newline = self._buf.find(b"\n", 0, self.limit)
+            if newline < 0:
+                head = _char_cut(self._buf, self.limit)  # the first `limit` characters
+                newline = self._buf.find(b"\n", 0, head)
+                if newline < 0 and head < len(self._buf):
+                    pieces.append(self._long_line_chunk(head))
+                    continue
+                if newline < 0 and not final:
+                    break
+            pieces.append(self._line_end(newline + 1 if newline >= 0 else len(self._buf)))
         return pieces
 
     def _line_end(self, size: int) -> Piece:
         """The last (or only) piece of a line."""
-        if size > self.limit:  # a line of exactly limit chars plus its newline
-            return self._long_line_chunk()
         if self._chunk_index == 0:
             return self._take(size)
         piece = self._take(size, truncated=False, chunk_index=self._chunk_index,
-                           total_chunks=self._total)
+                           total_chunks=self._total or self._chunk_index + 1)
         self._chunk_index, self._total = 0, None
         return piece
 
-    def _long_line_chunk(self) -> Piece:
+    def _long_line_chunk(self, size: int) -> Piece:
         """A non-final chunk of a line longer than the limit."""
         if self._chunk_index == 0:
             self._total = self._count_chunks()
-        size = _utf8_cut(self._buf, self.limit)
         piece = self._take(size, truncated=True, chunk_index=self._chunk_index,
                            total_chunks=self._total)
         self._chunk_index += 1
@@ -432,8 +451,7 @@ class OutputSplitter:
         newline = self._buf.find(b"\n")
         if newline < 0:
             return None
-        count, rest = 0, memoryview(self._buf)[:newline + 1]
-        while len(rest) > self.limit:
-            rest = rest[_utf8_cut(rest, self.limit):]
-            count += 1
-        return count + 1
+        count, rest = 1, memoryview(self._buf)[:newline + 1]
+        while (head := _char_cut(rest, self.limit)) < len(rest):
+            count, rest = count + 1, rest[head:]
+        return count

@@ -1,8 +1,7 @@
 """Unit tests for the pure wire-protocol module `ccexec.protocol`.
 
-The expectations come from PROTOCOL.md part A (the wire contract) first and
-the module second: where the two disagree, the test follows the contract and
-is marked xfail(strict=True) with the reason.
+The expectations come from the wire contract (docs/PROTOCOL.md) first and
+the module second.
 """
 
 from __future__ import annotations
@@ -351,9 +350,6 @@ class TestParseExecute:
         assert info.value.code == -32602
         assert info.value.data == {"param": "timeout"}
 
-    @pytest.mark.xfail(strict=True, raises=OverflowError,
-                       reason="BUG: _seconds() calls math.isfinite() on an int too large for "
-                              "a float and leaks OverflowError instead of -32602")
     def test_huge_integer_timeout_is_invalid_params_not_overflow_error(self):
         request = parse_frame('{"jsonrpc":"2.0","id":1,"method":"execute","params":'
                               '{"command":"true","timeout":1' + "0" * 400 + "}}")
@@ -473,7 +469,7 @@ class TestParseExecute:
             | st.dictionaries(st.text(max_size=4), children, max_size=3),
             max_leaves=6)))
     def test_any_execute_params_give_spec_or_invalid_params(self, params):
-        # Integers are bounded here; the unbounded case is the xfail test above.
+        # Integers are bounded here; the unbounded case has its own test.
         try:
             spec = parse_execute(execute_request(**params))
         except ProtocolError as error:
@@ -805,11 +801,6 @@ class TestLinesMode:
         assert pieces[-1].data == char + "\n" and pieces[-1].size == len((char + "\n").encode())
         assert_contiguous(pieces, raw)
 
-    @pytest.mark.xfail(strict=True,
-                       reason="Contract divergence: PROTOCOL.md A says only a line *longer than "
-                              "65,536 characters* is chunked (and the module's own comment says "
-                              "characters), but OutputSplitter counts bytes, so a 40,001-char "
-                              "line of 2-byte characters is sent as 2 chunks")
     def test_multibyte_line_of_fewer_than_65536_characters_is_one_piece(self):
         text = "é" * 40_000 + "\n"  # 40,001 characters, 80,001 bytes
         pieces = run(OutputSplitter("lines"), [text.encode()])
@@ -1064,7 +1055,7 @@ class TestSplitterProperties:
             assert [x.chunk_index for x in group] == list(range(len(group)))
             assert [x.truncated for x in group] == [True] * (len(group) - 1) + [False]
             assert all(x.total_chunks in (None, len(group)) for x in group)
-            assert len({x.total_chunks for x in group}) == 1
+            assert group[-1].total_chunks == len(group)  # known by the last chunk at the latest
         for line, group in zip(lines, groups):
             if len(line) > limit:  # longer than the limit in characters: must be chunked
                 assert len(group) >= 2
