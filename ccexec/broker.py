@@ -15,18 +15,21 @@ import logging
 import os
 import signal
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 import zmq
 
-from ccexec import bus, config, logs, protocol
+from ccexec import bus, config, logs, protocol, store
 from ccexec.liveness import WatchdogPulse
 
 log = logging.getLogger("ccexec.broker")
 
 PEER_TIMEOUT = bus.HEARTBEAT_INTERVAL * bus.HEARTBEAT_LIVENESS
-FINISHED_KEPT = 10000  # finished job records kept in memory for sequencing and status
+# After a (re)start, time for executors and handlers to re-register before
+# jobs are dispatched and records nobody claimed are declared lost.
+SETTLE_TIME = PEER_TIMEOUT
+PRUNE_INTERVAL = 60.0  # seconds between retention passes
 
 
 @dataclass
@@ -68,7 +71,13 @@ class Broker:
         self.handlers: dict[bytes, Peer] = {}
         self.executors: dict[bytes, Peer] = {}
         self.jobs: dict[str, Job] = {}
-        self.finished: OrderedDict[str, dict] = OrderedDict()
+        self.store = store.JobStore(settings.state_dir)
+        # Records of jobs a previous broker left unfinished, until claimed.
+        self.unclaimed: dict[str, dict] = {r["job_id"]: r for r in self.store.unfinished()}
+        self.waiting_subscribers: dict[str, set[bytes]] = {}
+        self.settle_deadline = time.monotonic() + SETTLE_TIME
+        self.settled = False
+        self.next_prune = time.monotonic() + SETTLE_TIME
         self.queue: deque[str] = deque()
         self.held: dict[str, list[str]] = {}  # predecessor -> jobs sequenced after it
         self.pending_controls: dict[str, bytes] = {}  # control ref -> handler
@@ -106,10 +115,13 @@ class Broker:
             if self.frontend in events:
                 self._drain(self.frontend, self.on_handler_message)
             self.run_due_timers()
+            self.settle_if_due()
+            self.prune_if_due()
             self.send_heartbeats_if_due()
             self.publish_positions()
             if self.pulse:
                 self.pulse.beat_if_due()
+        self.store.close()
         logs.event(log, "broker.stopped", pid=os.getpid())
 
     @staticmethod
@@ -184,6 +196,8 @@ class Broker:
         elif kind == bus.SUBSCRIBE:
             for job_id in header.get("job_ids", []):
                 self.subscribe(identity, job_id)
+        elif kind == bus.QUERY:
+            self.to_handler(identity, bus.QUERY_RESULT, {"ref": header.get("ref"), **self.query(identity, header)})
 
     def register_handler(self, identity: bytes, header: dict) -> None:
         self.handlers[identity] = Peer(identity, time.monotonic(),
@@ -195,13 +209,30 @@ class Broker:
 
     def subscribe(self, identity: bytes, job_id: str) -> None:
         job = self.jobs.get(job_id)
-        if job is None:
-            done = self.finished.get(job_id)
-            if done is not None:  # finished while nobody watched: say so now
-                self.to_handler(identity, bus.COMPLETED, done)
-            return
-        job.subscribers.add(identity)
-        job.grace_deadline = None
+        if job is not None:
+            job.subscribers.add(identity)
+            job.grace_deadline = None
+        elif job_id in self.unclaimed:  # its executor has not re-registered yet
+            self.waiting_subscribers.setdefault(job_id, set()).add(identity)
+        elif (completed := self.store.completed(job_id)) is not None:
+            self.to_handler(identity, bus.COMPLETED, completed)  # finished while nobody watched
+
+    def query(self, identity: bytes, header: dict) -> dict:
+        """`attach`, `job.status` and `jobs`, answered from the job table and the store."""
+        what = header.get("what")
+        if what == "jobs":
+            limit = max(1, min(int(header.get("limit") or 100), 1000))
+            return {"records": self.store.list(header.get("state"), limit)}
+        job_id = str(header.get("job_id"))
+        record = self.store.get(job_id)
+        if record is None:
+            return {"error": f"no job {job_id}", "code": protocol.JOB_NOT_FOUND}
+        public = store.public(record)
+        if what == "attach":
+            if record["state"] != "finished":
+                self.subscribe(identity, job_id)
+            return {"record": public, "completed": self.store.completed(job_id)}
+        return {"record": public}
 
     def unsubscribe(self, identity: bytes, job_id: str) -> None:
         job = self.jobs.get(job_id)
@@ -214,9 +245,11 @@ class Broker:
 
     def submit(self, identity: bytes, header: dict) -> None:
         job_id = bus.header_field(header, "job_id", str)
-        if job_id in self.jobs or job_id in self.finished:
+        known = self.store.get(job_id)
+        if job_id in self.jobs or (known and known["state"] in ("finished", "running")):
             self.subscribe(identity, job_id)  # a resubmission after a broker restart
             return
+        self.unclaimed.pop(job_id, None)
         waiting = sum(1 for j in self.jobs.values() if j.state in ("queued", "held"))
         if waiting >= self.settings.max_queue and not self._free_executor():
             retry_after = 1 + waiting // max(1, self.capacity())
@@ -232,6 +265,7 @@ class Broker:
         logs.event(log, "job.accepted", job_id=job_id, client=job.client,
                    name=job.spec.get("name"))
         predecessor = self.jobs.get(job.after) if job.after else None
+        self.store.accepted(job_id, job.spec, job.client, "held" if predecessor else "queued")
         if predecessor is not None:
             job.state = "held"
             self.held.setdefault(predecessor.job_id, []).append(job_id)
@@ -307,8 +341,10 @@ class Broker:
         if job is None:
             job = Job(job_id, running.get("spec", {}), None)
             self.jobs[job_id] = job
-            if job_id in self.queue:
-                self.queue.remove(job_id)
+        if job_id in self.queue:
+            self.queue.remove(job_id)
+        self.unclaimed.pop(job_id, None)
+        job.subscribers |= self.waiting_subscribers.pop(job_id, set())
         job.state, job.executor = "running", peer.identity
         job.pid, job.pgid, job.started_at = running.get("pid"), running.get("pgid"), running.get("started_at")
         peer.jobs.add(job_id)
@@ -319,6 +355,7 @@ class Broker:
             return
         job.state, job.pid, job.pgid = "running", header.get("pid"), header.get("pgid")
         job.started_at = header.get("started_at")
+        self.store.started(job.job_id, job.pid, job.pgid, job.started_at)
         logs.event(log, "job.started", job_id=job.job_id, pid=job.pid,
                    queue_wait=round(time.time() - job.created_at, 3))
         self.to_subscribers(job, bus.STARTED, header)
@@ -336,9 +373,7 @@ class Broker:
         self.jobs.pop(job.job_id, None)
         if job.executor in self.executors:
             self.executors[job.executor].jobs.discard(job.job_id)
-        self.finished[job.job_id] = completed
-        while len(self.finished) > FINISHED_KEPT:
-            self.finished.popitem(last=False)
+        self.store.finished(completed)
         reason = completed.get("reason", "exit")
         self.totals[reason] = self.totals.get(reason, 0) + 1
         logs.event(log, "job.finished", job_id=job.job_id, exit=completed.get("exit_code"),
@@ -371,7 +406,7 @@ class Broker:
 
     def dispatch(self) -> None:
         """Start queued jobs, oldest first, on the least loaded executors."""
-        while self.queue:
+        while self.queue and self.settled:
             executor = self._free_executor()
             if executor is None:
                 return
@@ -425,18 +460,21 @@ class Broker:
                    why=why, jobs=len(peer.jobs))
         for job_id in list(peer.jobs):
             job = self.jobs.get(job_id)
-            if job is None:
-                continue
-            if job.pgid:
-                try:
-                    os.killpg(job.pgid, signal.SIGKILL)
-                except OSError:
-                    pass
-            self.finish(job, {
-                "job_id": job_id, "pid": job.pid, "pgid": job.pgid, "exit_code": -signal.SIGKILL,
-                "reason": "lost", "error": f"the executor running this job died ({why})",
-                "execution_time": time.time() - (job.started_at or job.created_at),
-                "stdout_bytes": None, "stderr_bytes": None})
+            if job is not None:
+                self.lose(job, f"the executor running this job died ({why})")
+
+    def lose(self, job: Job, why: str) -> None:
+        """End a job whose executor is gone; kill what is left of its group."""
+        if job.pgid:
+            try:
+                os.killpg(job.pgid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.finish(job, {
+            "job_id": job.job_id, "pid": job.pid, "pgid": job.pgid, "exit_code": -signal.SIGKILL,
+            "reason": "lost", "error": why,
+            "execution_time": time.time() - (job.started_at or job.created_at),
+            "stdout_bytes": None, "stderr_bytes": None})
 
     def lose_handler(self, identity: bytes) -> None:
         self.handlers.pop(identity, None)
@@ -444,6 +482,28 @@ class Broker:
         for job in list(self.jobs.values()):
             if identity in job.subscribers:
                 self.unsubscribe(identity, job.job_id)
+
+    def settle_if_due(self) -> None:
+        """Once peers had time to re-register: what nobody claimed is lost."""
+        if self.settled or time.monotonic() < self.settle_deadline:
+            return
+        self.settled = True
+        for record in list(self.unclaimed.values()):
+            job = Job(record["job_id"], {}, None, state=record["state"], pid=record["pid"], pgid=record["pgid"],
+                      created_at=record["created_at"], started_at=record["started_at"])
+            job.subscribers = self.waiting_subscribers.pop(job.job_id, set())
+            self.jobs[job.job_id] = job
+            self.lose(job, "no executor claimed it after the broker restarted")
+        self.unclaimed.clear()
+        self.dispatch()
+
+    def prune_if_due(self) -> None:
+        if time.monotonic() < self.next_prune:
+            return
+        self.next_prune = time.monotonic() + PRUNE_INTERVAL
+        removed = self.store.prune(self.settings.retention_days * 86400, self.settings.retention_bytes)
+        if removed:
+            logs.event(log, "journal.pruned", jobs=removed)
 
     def _next_timer(self) -> float:
         return self.timers[0][0] if self.timers else float("inf")
@@ -468,7 +528,7 @@ class Broker:
         return {
             "connections": sum(p.connections for p in self.handlers.values()),
             "handlers": len(self.handlers),
-            "executors_ready": len(self.executors),
+            "executors_ready": len(self.executors) if self.settled else 0,
             "capacity": self.capacity(),
             "running": sum(1 for s in states if s in ("running", "dispatched")),
             "queued": sum(1 for s in states if s in ("queued", "held")),

@@ -20,11 +20,12 @@ SUBMIT = b"SUBMIT"        # {job_id, spec, conn, after, client}
 CONTROL = b"CONTROL"      # {job_id, action, ref}
 DETACH = b"DETACH"        # {job_ids}: no client of this handler follows them now
 SUBSCRIBE = b"SUBSCRIBE"  # {job_ids}: this handler follows these jobs again
+QUERY = b"QUERY"          # {ref, what: attach|job|jobs, job_id?, state?, limit?}
 # --- broker -> handler
 QUEUED = b"QUEUED"        # {job_id, position, after}
 REJECTED = b"REJECTED"    # {job_id, code, message, data}
 CONTROL_RESULT = b"CONTROL_RESULT"  # {job_id, action, ref, ok, status, error, pid, pgid}
-STATS = b"STATS"          # {connections, executors_ready, capacity, running, queued, ...}
+QUERY_RESULT = b"QUERY_RESULT"  # {ref, record? | records? | error, code, completed?}
 # --- broker -> executor
 DISPATCH = b"DISPATCH"    # {job_id, spec}
 COMPLETED_ACK = b"COMPLETED_ACK"  # {job_id}
@@ -34,12 +35,12 @@ OUTPUT = b"OUTPUT"        # {job_id, stream, offset} + raw bytes frame
 COMPLETED = b"COMPLETED"  # {job_id, exit_code, reason, error, ...}
 # --- both directions, both faces
 READY = b"READY"          # register: {role, pid, capacity, jobs, connections}
-HEARTBEAT = b"HEARTBEAT"  # {load}
+HEARTBEAT = b"HEARTBEAT"  # executor {running}, handler {connections}, broker -> handler: pool stats
 REREGISTER = b"REREGISTER"  # broker to an unknown peer: send READY again
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats on both faces
 HEARTBEAT_LIVENESS = 3    # missed heartbeats before a peer counts as dead
-HIGH_WATER_MARK = 10000   # queued messages per peer before sends fail with EAGAIN
+HIGH_WATER_MARK = 1000    # queued messages per peer (output: up to 64 KiB each) before EAGAIN
 
 
 def pack(kind: bytes, header: dict, *payload: bytes) -> list[bytes]:

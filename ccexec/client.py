@@ -8,11 +8,16 @@
         print(result.exit_code, result.stdout)
 
     result = run("echo hello")                  # sync, one call
+
+A dropped connection is resumed by itself: the client reconnects (bounded
+by its RetryPolicy) and `attach`es every unfinished job from the byte
+offsets it has, so each job's output arrives exactly once, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -22,6 +27,25 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 DEFAULT_URL = "ws://127.0.0.1:8004/ws"
+
+
+class ConnectionLost(ConnectionError):
+    """The connection dropped and could not be resumed within the retry policy."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard a client tries to get a dropped connection back."""
+
+    attempts: int = 10
+    first_delay: float = 0.1
+    max_delay: float = 2.0
+
+    def delays(self):
+        delay = self.first_delay
+        for _ in range(self.attempts):
+            yield delay
+            delay = min(delay * 2, self.max_delay)
 
 
 class RPCError(Exception):
@@ -68,11 +92,13 @@ class Job:
         self.stderr: list[str] = []
         self.outputs: list[dict] = []
         self.completed: dict | None = None
+        self.offsets = {"stdout": 0, "stderr": 0}  # where a resume picks up
 
     def _on_event(self, method: str, params: dict) -> None:
         if method == "process.output":
             (self.stdout if params["type"] == "stdout" else self.stderr).append(params["data"])
             self.outputs.append(params)
+            self.offsets[params["type"]] = params["offset"] + params["size"]
         elif method == "process.completed":
             self.completed = params
         self.queue.put_nowait({"method": method, "params": params})
@@ -81,6 +107,8 @@ class Job:
         """Every notification of this job up to and including process.completed."""
         while True:
             event = await asyncio.wait_for(self.queue.get(), timeout)
+            if event["method"] == "connection.lost":
+                raise ConnectionLost(event["params"]["error"])
             yield event
             if event["method"] == "process.completed":
                 return
@@ -98,9 +126,14 @@ class Job:
 
 
 class Client:
-    def __init__(self, url: str = DEFAULT_URL, *, open_timeout: float = 10, **connect_kwargs: Any):
+    def __init__(self, url: str = DEFAULT_URL, *, open_timeout: float = 10, resume: bool = True,
+                 retry: RetryPolicy = RetryPolicy(), **connect_kwargs: Any):
         self.url = url
         self.open_timeout = open_timeout
+        self.resume = resume
+        self.retry = retry
+        self.reconnects = 0
+        self._closing = False
         self.connect_kwargs = connect_kwargs
         self.ws: ClientConnection | None = None
         self.session: dict | None = None
@@ -119,26 +152,66 @@ class Client:
         await self.close()
 
     async def connect(self) -> None:
-        self.ws = await websockets.connect(self.url, open_timeout=self.open_timeout,
-                                           max_size=None, **self.connect_kwargs)
+        self.ws = await self._open()
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
+    async def _open(self) -> ClientConnection:
+        return await websockets.connect(self.url, open_timeout=self.open_timeout,
+                                        max_size=None, **self.connect_kwargs)
+
     async def close(self) -> None:
+        self._closing = True
         if self.ws is not None:
             await self.ws.close()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
 
     async def _read(self) -> None:
-        try:
-            async for frame in self.ws:
-                self._dispatch(json.loads(frame))
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(ConnectionError("connection closed"))
+        while True:
+            try:
+                async for frame in self.ws:
+                    self._dispatch(json.loads(frame))
+            except websockets.ConnectionClosed:
+                pass
+            self._fail_pending()
+            unfinished = [job for job in self._jobs.values() if job.completed is None]
+            if self._closing or not unfinished:
+                return
+            if not (self.resume and await self._resume(unfinished)):
+                for job in unfinished:
+                    job.queue.put_nowait({"method": "connection.lost",
+                                          "params": {"error": f"connection to {self.url} lost"}})
+                return
+
+    @staticmethod
+    def _attach_answered(job: Job, answer: asyncio.Future) -> None:
+        error = answer.exception() if not answer.cancelled() else ConnectionError("canceled")
+        if error is None and "error" in answer.result():
+            error = RPCError(**{k: answer.result()["error"].get(k) for k in ("code", "message", "data")})
+        if error is not None:
+            job.queue.put_nowait({"method": "connection.lost", "params": {"error": f"resume failed: {error}"}})
+
+    def _fail_pending(self) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("connection closed"))
+        self._pending.clear()
+
+    async def _resume(self, unfinished: list[Job]) -> bool:
+        """Reconnect and attach each unfinished job where its output stopped."""
+        for delay in self.retry.delays():
+            await asyncio.sleep(delay)
+            try:
+                self.ws = await self._open()
+                for job in unfinished:
+                    answer = await self._send("attach", {"job_id": job.job_id, "stdout_offset": job.offsets["stdout"],
+                                                         "stderr_offset": job.offsets["stderr"]})
+                    answer.add_done_callback(functools.partial(self._attach_answered, job))
+            except (OSError, websockets.InvalidHandshake, websockets.ConnectionClosed, asyncio.TimeoutError):
+                continue
+            self.reconnects += 1
+            return True
+        return False
 
     def _dispatch(self, message: dict) -> None:
         if "id" in message and ("result" in message or "error" in message):
@@ -161,13 +234,16 @@ class Client:
         else:
             self.notifications.put_nowait(message)
 
-    async def call(self, method: str, params: dict | None = None, timeout: float | None = 30) -> Any:
+    async def _send(self, method: str, params: dict | None) -> asyncio.Future:
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         await self.ws.send(json.dumps({"jsonrpc": "2.0", "method": method, "params": params or {},
                                        "id": request_id}))
-        answer = await asyncio.wait_for(future, timeout)
+        return future
+
+    async def call(self, method: str, params: dict | None = None, timeout: float | None = 30) -> Any:
+        answer = await asyncio.wait_for(await self._send(method, params), timeout)
         if "error" in answer:
             error = answer["error"]
             raise RPCError(error["code"], error["message"], error.get("data"))
@@ -196,6 +272,27 @@ class Client:
 
     async def ping(self) -> dict:
         return await self.call("ping")
+
+    async def attach(self, job_id: str, stdout_offset: int = 0, stderr_offset: int = 0) -> Job:
+        """Follow a job started elsewhere (or earlier), from byte offsets."""
+        job = Job(self, job_id, "attached", None)
+        job.offsets = {"stdout": stdout_offset, "stderr": stderr_offset}
+        self._jobs[job_id] = job  # events of the replay may come before the answer
+        try:
+            result = await self.call("attach", {"job_id": job_id, "stdout_offset": stdout_offset,
+                                                "stderr_offset": stderr_offset})
+        except BaseException:
+            self._jobs.pop(job_id, None)
+            raise
+        job.status = result["state"]
+        return job
+
+    async def jobs(self, state: str | None = None, limit: int = 100) -> list[dict]:
+        params = {"limit": limit} if state is None else {"state": state, "limit": limit}
+        return (await self.call("jobs", params))["jobs"]
+
+    async def job_status(self, job_id: str) -> dict:
+        return await self.call("job.status", {"job_id": job_id})
 
 
 async def run_async(command: str, url: str = DEFAULT_URL, wait_timeout: float | None = None,

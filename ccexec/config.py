@@ -45,6 +45,8 @@ class Settings:
     env_remove: tuple[str, ...] = ("ANTHROPIC_API_KEY",)
     env_set: dict[str, str] = field(default_factory=lambda: {"PYTHONUNBUFFERED": "1"})
     watchdog_port: int = 0
+    retention_days: float = 7.0
+    retention_bytes: int = 10 * 2**30
 
     @property
     def run_dir(self) -> str:
@@ -154,6 +156,8 @@ def settings_from_ini(ini: configparser.ConfigParser) -> Settings:
         env_remove=tuple(get("env_remove", " ".join(d.env_remove)).split()),
         env_set=_env_pairs(get("env_set", "PYTHONUNBUFFERED=1")),
         watchdog_port=_number(ini, c, "watchdog_port", d.watchdog_port, int, 0, 65535),
+        retention_days=_number(ini, c, "retention_days", d.retention_days, float, 0, 36500),
+        retention_bytes=_number(ini, c, "retention_bytes", d.retention_bytes, int, 0, 2**62),
     )
 
 

@@ -37,7 +37,7 @@ log = logging.getLogger("ccexec.handler")
 
 WS_PATHS = ("/ws", "/ws/mcp")
 INLINE_LIMIT = 4 << 20  # bytes of live output held per stream before the journal takes over
-CONTROL_TIMEOUT = 10.0
+BROKER_TIMEOUT = 10.0  # seconds to wait for the broker (and executor) to answer a request
 CHUNK_FLUSH_DELAY = 0.05  # seconds of quiet before "chunks" mode sends a partial line
 HOOK_STATUS = {"enabled": False, "hooks_configured": []}
 
@@ -72,21 +72,22 @@ class StreamState:
 class JobStream:
     """One job as one connection sees it: its messages, in order, once."""
 
-    def __init__(self, session: "Session", job_id: str, request_id, has_id: bool,
-                 mode: str, submit: dict):
+    def __init__(self, session: "Session", job_id: str, mode: str, *, request_id=None,
+                 has_id: bool = False, submit: dict | None = None, offsets: tuple[int, int] = (0, 0)):
         self.session = session
         self.job_id = job_id
         self.request_id, self.has_id = request_id, has_id
         self.submit = submit  # resent if the broker restarts before the job starts
-        self.responded = False
+        self.responded = submit is None  # an attached job had its answer already
         self.started = False
         self.pid = self.pgid = None
         self.notices: deque[str] = deque()
-        self.streams = {s: StreamState(mode) for s in STREAMS}
+        self.streams = {s: StreamState(mode, o) for s, o in zip(STREAMS, offsets)}
         self.final: dict | None = None
         self.finished = False
         self.last_output = time.monotonic()
         self.wake = asyncio.Event()
+        self.gate = asyncio.Event()  # opened once the request that made this stream is answered
         self.pump_task = asyncio.get_running_loop().create_task(self.pump())
 
     # -- events from the broker (synchronous: they only queue and wake)
@@ -135,6 +136,7 @@ class JobStream:
 
     async def pump(self) -> None:
         try:
+            await self.gate.wait()
             while not self.finished:
                 await self.wait_for_events()
                 while self.notices:
@@ -258,6 +260,15 @@ class Session:
         elif method == "control":
             spec = protocol.parse_control(request)
             asyncio.get_running_loop().create_task(self.control(request, spec))
+        elif method == "attach":
+            await self.attach(request, protocol.parse_attach(request))
+        elif method == "job.status":
+            answer = await self.handler.ask_broker({"what": "job", "job_id": protocol.parse_job_status(request)})
+            await self.reply(request, broker_answer(request, answer)["record"])
+        elif method == "jobs":
+            state, limit = protocol.parse_jobs(request)
+            answer = await self.handler.ask_broker({"what": "jobs", "state": state, "limit": limit})
+            await self.reply(request, {"jobs": broker_answer(request, answer)["records"]})
         elif method == "ping":
             await self.reply(request, {"pong": True, "timestamp": time.time()})
         elif method == "hook_status":
@@ -278,12 +289,59 @@ class Session:
             after = previous.job_id if previous is not None and not previous.finished else None
         submit = {"job_id": job_id, "spec": spec.to_dict(), "after": after,
                   "client": self.client, "session": self.session_id}
-        job = JobStream(self, job_id, request.id, request.has_id, spec.stream_mode, submit)
+        job = JobStream(self, job_id, spec.stream_mode, request_id=request.id, has_id=request.has_id,
+                        submit=submit)
         self.jobs[job_id] = job
         if not spec.parallel:
             self.last_sequenced = job
         self.handler.follow(job)
+        job.gate.set()
         self.handler.to_broker(bus.SUBMIT, submit)
+
+    async def attach(self, request: protocol.Request, spec: protocol.AttachSpec) -> None:
+        """Follow a job from byte offsets: replay from its journal, then live."""
+        if spec.job_id in self.jobs:
+            raise ProtocolError(protocol.INVALID_PARAMS, f"Invalid params: job {spec.job_id} is already followed here",
+                                {"param": "job_id"}, request.id)
+        if not journal.JOB_ID.match(spec.job_id):
+            raise ProtocolError(protocol.JOB_NOT_FOUND, f"Job not found: {spec.job_id}", {"job_id": spec.job_id}, request.id)
+        offsets = (spec.stdout_offset, spec.stderr_offset)
+        job = JobStream(self, spec.job_id, spec.stream_mode, offsets=offsets)
+        self.jobs[job.job_id] = job
+        self.handler.follow(job)  # before asking, so no event slips by meanwhile
+        try:
+            answer = broker_answer(request, await self.handler.ask_broker({"what": "attach", "job_id": job.job_id}))
+            record = answer["record"]
+            sizes = [await self.handler.journal_size(job.job_id, s) for s in STREAMS]
+            self.check_replayable(request, record, offsets, sizes)
+        except BaseException:
+            job.finished = True
+            job.pump_task.cancel()
+            raise
+        job.started = record["state"] == "running"
+        job.pid = job.pgid = record.get("pid")
+        for state, size in zip(job.streams.values(), sizes):
+            state.known = max(state.known, size)
+        if request.has_id:
+            job.notices.appendleft(protocol.response(request.id, {
+                "job_id": job.job_id, "state": record["state"],
+                "stdout_offset": spec.stdout_offset, "stderr_offset": spec.stderr_offset}))
+        if answer.get("completed"):
+            job.on_completed(answer["completed"])
+        job.gate.set()
+        job.wake.set()
+
+    @staticmethod
+    def check_replayable(request: protocol.Request, record: dict, offsets: tuple[int, int],
+                         sizes: list[int]) -> None:
+        recorded = (record.get("stdout_bytes") or 0, record.get("stderr_bytes") or 0)
+        if any(size < want for size, want in zip(sizes, recorded)):
+            raise ProtocolError(protocol.OUTPUT_GONE, "Output no longer available: the job's journal was removed",
+                                {"job_id": record["job_id"]}, request.id)
+        for name, offset, size in zip(("stdout_offset", "stderr_offset"), offsets, sizes):
+            if offset > size and record["state"] == "finished":
+                raise ProtocolError(protocol.INVALID_PARAMS, f"Invalid params: '{name}' is past the end ({size} bytes)",
+                                    {"param": name}, request.id)
 
     async def control(self, request: protocol.Request, spec: protocol.ControlSpec) -> None:
         try:
@@ -292,7 +350,7 @@ class Session:
                 what = f"job {spec.job_id}" if spec.job_id else "a running job on this connection"
                 raise ProtocolError(protocol.JOB_NOT_FOUND, f"Process not found: no {what}",
                                     {"job_id": spec.job_id}, request.id)
-            result = await self.handler.control(job.job_id, spec.action)
+            result = await self.handler.ask_broker({"job_id": job.job_id, "action": spec.action}, bus.CONTROL)
             if not result.get("ok"):
                 raise ProtocolError(result.get("code", protocol.JOB_NOT_FOUND), result.get("error", "control failed"),
                                     {"job_id": job.job_id}, request.id)
@@ -311,7 +369,7 @@ class Handler:
         self.broker = bus.dealer(self.ctx, "handler", bus.frontend_endpoint(settings.run_dir))
         self.sessions: set[Session] = set()
         self.followers: dict[str, set[JobStream]] = {}
-        self.controls: dict[str, asyncio.Future] = {}
+        self.asked: dict[str, asyncio.Future] = {}  # broker answers awaited, by ref
         self.stats: dict = {}
         self.broker_seen = 0.0
         self.started = time.time()
@@ -331,7 +389,7 @@ class Handler:
                                    "connections": len(self.sessions), "jobs": list(self.followers)})
         for streams in self.followers.values():
             for job in streams:
-                if not job.started and job.final is None:
+                if job.submit is not None and not job.started and job.final is None:
                     self.to_broker(bus.SUBMIT, job.submit)
 
     def follow(self, job: JobStream) -> None:
@@ -347,17 +405,18 @@ class Handler:
             if job.final is None:
                 self.to_broker(bus.DETACH, {"job_ids": [job.job_id]})
 
-    async def control(self, job_id: str, action: str) -> dict:
+    async def ask_broker(self, header: dict, kind: bytes = bus.QUERY) -> dict:
+        """Send a CONTROL or QUERY and wait for the answer with the same ref."""
         ref = uuid.uuid4().hex
         future = asyncio.get_running_loop().create_future()
-        self.controls[ref] = future
-        self.to_broker(bus.CONTROL, {"job_id": job_id, "action": action, "ref": ref})
+        self.asked[ref] = future
+        self.to_broker(kind, {**header, "ref": ref})
         try:
-            return await asyncio.wait_for(future, CONTROL_TIMEOUT)
+            return await asyncio.wait_for(future, BROKER_TIMEOUT)
         except asyncio.TimeoutError:
-            return {"ok": False, "code": protocol.INTERNAL_ERROR, "error": "the executor did not answer in time"}
+            return {"ok": False, "code": protocol.INTERNAL_ERROR, "error": "the daemon did not answer in time"}
         finally:
-            self.controls.pop(ref, None)
+            self.asked.pop(ref, None)
 
     async def broker_loop(self) -> None:
         while True:
@@ -374,8 +433,8 @@ class Handler:
             self.stats = header
         elif kind == bus.REREGISTER:
             self.register()
-        elif kind == bus.CONTROL_RESULT:
-            future = self.controls.get(header.get("ref"))
+        elif kind in (bus.CONTROL_RESULT, bus.QUERY_RESULT):
+            future = self.asked.get(header.get("ref"))
             if future is not None and not future.done():
                 future.set_result(header)
         else:
@@ -496,6 +555,14 @@ class Handler:
         for task in background:
             task.cancel()
         self.broker.close(linger=0)
+
+
+def broker_answer(request: protocol.Request, answer: dict) -> dict:
+    """The broker's answer, or the JSON-RPC error it stands for."""
+    if "error" in answer:
+        raise ProtocolError(answer.get("code", protocol.INTERNAL_ERROR), answer["error"],
+                            {"job_id": request.params.get("job_id")}, request.id)
+    return answer
 
 
 def json_response(status: http.HTTPStatus, body: dict) -> HttpResponse:

@@ -37,7 +37,7 @@ CONTROL_TYPES = {"PAUSE": "paused", "RESUME": "resumed", "CANCEL": "canceled"}
 JOB_STATES = ("running", "queued", "finished")
 CAPABILITIES = [
     "execute", "control", "stream", "heartbeat", "queue", "chunks",
-    "argv", "stdin", "ping", "hook_status",
+    "argv", "stdin", "ping", "hook_status", "attach", "jobs",
 ]
 
 
@@ -92,6 +92,14 @@ class ExecuteSpec:
 class ControlSpec:
     action: str  # "PAUSE" | "RESUME" | "CANCEL"
     job_id: str | None
+
+
+@dataclass(frozen=True)
+class AttachSpec:
+    job_id: str
+    stdout_offset: int = 0
+    stderr_offset: int = 0
+    stream_mode: str = "lines"
 
 
 # ---------------------------------------------------------------- encoding
@@ -266,10 +274,7 @@ def _env(request: Request) -> dict[str, str]:
 
 def parse_execute(request: Request) -> ExecuteSpec:
     command, argv = _command_or_argv(request)
-    stream_mode = request.params.get("stream_mode")
-    stream_mode = "lines" if stream_mode is None else stream_mode
-    if stream_mode not in STREAM_MODES:
-        raise _invalid(request, "stream_mode", "must be \"lines\" or \"chunks\"")
+    stream_mode = _stream_mode(request)
     stdin = _optional_str(request, "stdin")
     if stdin == "pipe":
         raise _invalid(request, "stdin", "\"pipe\" is not supported yet; pass the input as a string")
@@ -283,6 +288,49 @@ def parse_execute(request: Request) -> ExecuteSpec:
         detach=_flag(request, "detach"), parallel=_flag(request, "parallel"),
         stream_mode=stream_mode, name=_optional_str(request, "name"),
     )
+
+
+def _job_id(request: Request) -> str:
+    job_id = request.params.get("job_id")
+    if not isinstance(job_id, str) or not job_id:
+        raise _invalid(request, "job_id", "is required and must be a string")
+    return job_id
+
+
+def _offset(request: Request, name: str) -> int:
+    value = request.params.get(name, 0)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _invalid(request, name, "must be a non-negative integer byte offset")
+    return value
+
+
+def _stream_mode(request: Request) -> str:
+    mode = request.params.get("stream_mode")
+    mode = "lines" if mode is None else mode
+    if mode not in STREAM_MODES:
+        raise _invalid(request, "stream_mode", "must be \"lines\" or \"chunks\"")
+    return mode
+
+
+def parse_attach(request: Request) -> AttachSpec:
+    return AttachSpec(_job_id(request), _offset(request, "stdout_offset"),
+                      _offset(request, "stderr_offset"), _stream_mode(request))
+
+
+def parse_job_status(request: Request) -> str:
+    return _job_id(request)
+
+
+def parse_jobs(request: Request) -> tuple[str | None, int]:
+    state = request.params.get("state")
+    if state is not None and state not in JOB_STATES:
+        raise _invalid(request, "state", "must be one of running, queued, finished")
+    limit = request.params.get("limit", 100)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+        raise _invalid(request, "limit", "must be an integer from 1 to 1000")
+    return state, limit
 
 
 def parse_control(request: Request) -> ControlSpec:

@@ -1,0 +1,143 @@
+"""Journals, records and resume: attach, jobs, job.status, automatic reconnect."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+
+import pytest
+
+from ccexec.client import Client, RPCError
+from support import async_test, wait_for
+from wire import Wire
+
+PY = sys.executable
+# 200 numbered lines, one every 20 ms: long enough to interrupt, exact to compare.
+TICKER = f"{PY} -c \"import sys, time\nfor i in range(200):\n    print(f'line {{i:04d}}', flush=True); time.sleep(0.02)\""
+TICKER_OUTPUT = "".join(f"line {i:04d}\n" for i in range(200))
+
+
+@async_test()
+async def test_attach_replays_a_finished_job_from_any_offset(daemon):
+    wire = await Wire.open(daemon.url)
+    _, completed = await wire.run(command="printf 'one\\ntwo\\n'; printf 'err\\n' >&2")
+    job_id = completed["job_id"]
+    other = await Wire.open(daemon.url)
+    answer = await other.answer(await other.request("attach", {"job_id": job_id, "stdout_offset": 4}))
+    assert answer["result"] == {"job_id": job_id, "state": "finished", "stdout_offset": 4, "stderr_offset": 0}
+    again = await other.completed(job_id)
+    assert other.text(job_id) == "two\n" and other.text(job_id, "stderr") == "err\n"
+    assert other.outputs(job_id)[0]["offset"] == 4
+    assert {k: again[k] for k in ("exit_code", "reason", "stdout_bytes")} == \
+        {k: completed[k] for k in ("exit_code", "reason", "stdout_bytes")}
+    await wire.close()
+    await other.close()
+
+
+@async_test()
+async def test_attach_to_a_running_job_replays_then_streams_live(daemon):
+    wire = await Wire.open(daemon.url)
+    result = await wire.execute(command=TICKER)
+    await wire.until(lambda m: m.get("method") == "process.output" and m["params"]["data"] == "line 0050\n", 20)
+    watcher = await Wire.open(daemon.url)
+    answer = await watcher.answer(await watcher.request("attach", {"job_id": result["job_id"]}))
+    assert answer["result"]["state"] == "running"
+    await watcher.completed(result["job_id"], 30)
+    assert watcher.text(result["job_id"]) == TICKER_OUTPUT
+    await wire.completed(result["job_id"], 30)
+    assert wire.text(result["job_id"]) == TICKER_OUTPUT
+    await wire.close()
+    await watcher.close()
+
+
+@async_test()
+async def test_attach_errors(daemon):
+    wire = await Wire.open(daemon.url)
+    unknown = await wire.answer(await wire.request("attach", {"job_id": "0" * 32}))
+    assert unknown["error"]["code"] == -32002
+    malformed = await wire.answer(await wire.request("attach", {"job_id": "../../etc"}))
+    assert malformed["error"]["code"] == -32002
+    _, completed = await wire.run(command="echo gone")
+    past = await wire.answer(await wire.request("attach", {"job_id": completed["job_id"], "stdout_offset": 99}))
+    assert past["error"]["code"] == -32602 and "stdout_offset" in past["error"]["message"]
+    shutil.rmtree(daemon.state_dir / "jobs" / completed["job_id"])
+    pruned = await wire.answer(await wire.request("attach", {"job_id": completed["job_id"]}))
+    assert pruned["error"]["code"] == -32006
+    await wire.close()
+
+
+@async_test()
+async def test_jobs_and_job_status_describe_records(daemon):
+    async with Client(daemon.url) as client:
+        job = await client.execute("echo recorded; exit 3", name="my-label")
+        await job.wait(20)
+        record = await client.job_status(job.job_id)
+        assert {k: record[k] for k in ("job_id", "name", "command", "state", "exit_code", "reason",
+                                       "stdout_bytes", "stderr_bytes")} == {
+            "job_id": job.job_id, "name": "my-label", "command": "echo recorded; exit 3", "state": "finished",
+            "exit_code": 3, "reason": "exit", "stdout_bytes": 9, "stderr_bytes": 0}
+        assert record["created_at"] <= record["started_at"] <= record["finished_at"]
+        running = await client.execute("sleep 30", parallel=True)
+        assert [r["job_id"] for r in await client.jobs(state="running")] == [running.job_id]
+        assert job.job_id in [r["job_id"] for r in await client.jobs(state="finished", limit=1000)]
+        await running.control("CANCEL")
+        await running.wait(20)
+        with pytest.raises(RPCError) as missing:
+            await client.job_status("f" * 32)
+        assert missing.value.code == -32002
+
+
+@async_test(60)
+async def test_detached_job_can_be_attached_after_its_client_left(daemon):
+    async with Client(daemon.url) as client:
+        job = await client.execute("sleep 5; echo later", detach=True)
+    async with Client(daemon.url) as client:
+        attached = await client.attach(job.job_id)
+        result = await attached.wait(30)
+    assert result.stdout == "later\n" and result.reason == "exit"
+
+
+@async_test(90)
+async def test_killed_handler_client_resumes_with_every_byte_once(make_daemon):
+    """kill -9 of the handler serving a streaming job: the client reconnects and attaches."""
+    d = make_daemon()
+    handlers = d.role_pids("handler")
+    async with Client(d.url) as client:
+        job = await client.execute(TICKER)
+        events = job.events(timeout=20)
+        while (await events.__anext__())["method"] != "process.output":
+            pass
+        served_by = [pid for pid in handlers if _serves(pid, client)]
+        assert len(served_by) == 1
+        os.kill(served_by[0], signal.SIGKILL)
+        result = await job.wait(60)
+    assert client.reconnects == 1
+    assert result.stdout == TICKER_OUTPUT and result.reason == "exit"
+    offsets = [o["offset"] for o in result.outputs]
+    assert offsets == sorted(set(offsets))  # no byte twice
+
+
+def _serves(pid: int, client: Client) -> bool:
+    """Whether handler `pid` holds the server end of the client's connection."""
+    import psutil
+    local = client.ws.local_address[:2]
+    return any(c.raddr and (c.raddr.ip, c.raddr.port) == tuple(local)
+               for c in psutil.Process(pid).net_connections(kind="tcp"))
+
+
+@async_test(60)
+async def test_client_gives_up_after_its_retry_policy(make_daemon):
+    from ccexec.client import ConnectionLost, RetryPolicy
+    d = make_daemon()
+    client = Client(d.url, retry=RetryPolicy(attempts=3, first_delay=0.05, max_delay=0.1))
+    await client.connect()
+    job = await client.execute("sleep 30")
+    assert d.stop() == 0
+    started = time.monotonic()
+    with pytest.raises(ConnectionLost):
+        await job.wait(30)
+    assert time.monotonic() - started < 10
+    await client.close()
