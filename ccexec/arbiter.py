@@ -1,13 +1,15 @@
 """`ccexecd`: the embedded Circus arbiter that owns the port and every process.
 
-Steps, in order: read the config and apply the command line; make sure the
-port is free (or say exactly who holds it); write the effective config; hand
-it to Circus, which binds the socket, starts broker, executors, handlers and
-the watchdog plugin, and runs until SIGTERM/SIGINT stops them all.
+Steps, in order: read the config and apply the command line; end what a
+crashed instance left (stale ccexec processes, orphan job groups); make sure
+the port is free (or say exactly who holds it); hand the effective config to
+Circus, which binds the socket, starts broker, executors, handlers and the
+watchdog plugin, and runs until SIGTERM/SIGINT stops them all.
 """
 
 from __future__ import annotations
 
+import configparser
 import logging
 import os
 import socket
@@ -16,7 +18,7 @@ import sys
 import click
 import psutil
 
-from ccexec import __version__, config, logs
+from ccexec import __version__, config, leftovers, logs
 
 log = logging.getLogger("ccexec.arbiter")
 
@@ -52,14 +54,23 @@ def check_port_free(host: str, port: int) -> None:
         probe.close()
 
 
+def recover(settings: config.Settings, effective_config: str) -> None:
+    """Take over from a crashed instance, then check the port is ours to bind."""
+    stale = leftovers.stale_processes(settings, effective_config)
+    if stale:
+        leftovers.end_stale_processes(stale)
+    leftovers.reap_orphan_jobs(settings)
+    check_port_free(settings.host, settings.port)
+
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def prepare(config_file: str | None, **overrides) -> tuple[config.Settings, str]:
-    """Resolve the configuration and write the effective file Circus loads."""
+def resolve(config_file: str | None, **overrides) -> tuple[config.Settings, configparser.ConfigParser]:
+    """The configuration, with every value this run will use filled in."""
     ini = config.read_ini(config_file)
     config.apply_overrides(ini, **overrides)
     settings = config.settings_from_ini(ini)
@@ -68,15 +79,22 @@ def prepare(config_file: str | None, **overrides) -> tuple[config.Settings, str]
     ini.set("ccexec", "state_dir", settings.state_dir)
     ini.set("ccexec", "workdir", settings.workdir)
     ini.set("circus", "loglevel", settings.log_level)
-    settings = config.settings_from_ini(ini)
-    config.ensure_dirs(settings)
-    path = os.path.join(settings.run_dir, "ccexec.ini")
+    return config.settings_from_ini(ini), ini
+
+
+def effective_path(settings: config.Settings) -> str:
+    return os.path.join(settings.run_dir, "ccexec.ini")
+
+
+def publish(settings: config.Settings, ini: configparser.ConfigParser) -> str:
+    """Write the effective config Circus loads and every process reads."""
+    path = effective_path(settings)
     config.write_effective(ini, path)
     os.environ.update({
         "CCEXEC_PYTHON": sys.executable, "CCEXEC_RUN_DIR": settings.run_dir,
         "CCEXEC_CONFIG": path, "CCEXEC_WATCHDOG_PORT": str(settings.watchdog_port),
     })
-    return settings, path
+    return path
 
 
 class _ShutdownRaceFilter(logging.Filter):
@@ -114,12 +132,14 @@ def run_circus(path: str) -> int:
 def main(config_file, host, port, handlers, executors, state_dir, log_level) -> None:
     """Run the ccexec daemon in the foreground."""
     try:
-        settings, path = prepare(config_file, host=host, port=port, handlers=handlers,
-                                 executors=executors, state_dir=state_dir,
-                                 log_level=log_level.lower() if log_level else None)
+        settings, ini = resolve(config_file, host=host, port=port, handlers=handlers,
+                                executors=executors, state_dir=state_dir,
+                                log_level=log_level.lower() if log_level else None)
         logs.setup("arbiter", settings.log_level)
-        check_port_free(settings.host, settings.port)
-    except (config.ConfigError, PortHeld) as exc:
+        config.ensure_dirs(settings)
+        recover(settings, effective_path(settings))
+        path = publish(settings, ini)
+    except (config.ConfigError, PortHeld, leftovers.DaemonRunning) as exc:
         click.echo(f"ccexecd: {exc}", err=True)
         sys.exit(2 if isinstance(exc, config.ConfigError) else 1)
     logs.event(log, "daemon.starting", version=__version__, pid=os.getpid(),

@@ -30,6 +30,7 @@ PEER_TIMEOUT = bus.HEARTBEAT_INTERVAL * bus.HEARTBEAT_LIVENESS
 # jobs are dispatched and records nobody claimed are declared lost.
 SETTLE_TIME = PEER_TIMEOUT
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
+STOP_MARGIN = 3.0  # seconds past kill_grace a stopping broker waits for executors' last reports
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Broker:
     def __init__(self, settings: config.Settings, ctx: zmq.Context):
         self.settings = settings
         self.frontend = self._bind(ctx, bus.frontend_endpoint(settings.run_dir))
+        self.data = self._bind(ctx, bus.handler_data_endpoint(settings.run_dir))  # OUTPUT to handlers
         self.backend = self._bind(ctx, bus.backend_endpoint(settings.run_dir))
         self.handlers: dict[bytes, Peer] = {}
         self.executors: dict[bytes, Peer] = {}
@@ -76,7 +78,7 @@ class Broker:
         self.unclaimed: dict[str, dict] = {r["job_id"]: r for r in self.store.unfinished()}
         self.waiting_subscribers: dict[str, set[bytes]] = {}
         self.settle_deadline = time.monotonic() + SETTLE_TIME
-        self.settled = False
+        self.settled = not self.unclaimed  # a fresh start has nothing to wait for
         self.next_prune = time.monotonic() + SETTLE_TIME
         self.queue: deque[str] = deque()
         self.held: dict[str, list[str]] = {}  # predecessor -> jobs sequenced after it
@@ -107,7 +109,7 @@ class Broker:
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         logs.event(log, "broker.started", pid=os.getpid())
-        while self.running:
+        while self.running or not self.drained():
             timeout = max(0.0, min(self.next_heartbeat, self._next_timer()) - time.monotonic())
             events = dict(poller.poll(timeout * 1000))
             if self.backend in events:
@@ -141,7 +143,16 @@ class Broker:
                            peer=identity.decode(errors="replace"), error=exc)
 
     def stop(self, *_: object) -> None:
-        self.running = False
+        """SIGTERM: stop taking work; wait (bounded) for executors to report their jobs."""
+        if self.running:
+            self.running = False
+            self.stop_deadline = time.monotonic() + self.settings.kill_grace + STOP_MARGIN
+            for job in [j for j in self.jobs.values() if j.state in ("queued", "held")]:
+                self.finish_unstarted(job, "canceled", "the daemon is stopping")
+
+    def drained(self) -> bool:
+        running = any(j.state in ("running", "dispatched") for j in self.jobs.values())
+        return not running or time.monotonic() >= self.stop_deadline
 
     # ------------------------------------------------------------ sending
 
@@ -167,8 +178,9 @@ class Broker:
 
     def to_subscribers(self, job: Job, kind: bytes, header: dict, *payload: bytes) -> None:
         frames = bus.pack(kind, header, *payload)
+        sock = self.data if kind == bus.OUTPUT else self.frontend
         for identity in list(job.subscribers):
-            self._send(self.frontend, identity, frames)
+            self._send(sock, identity, frames)
 
     def to_executor(self, identity: bytes, kind: bytes, header: dict) -> bool:
         return self._send(self.backend, identity, bus.pack(kind, header))
@@ -337,14 +349,13 @@ class Broker:
     def adopt(self, peer: Peer, running: dict) -> None:
         """A job an executor runs that this broker (restarted) did not know."""
         job_id = running["job_id"]
-        job = self.jobs.get(job_id)
+        job = self.jobs.get(job_id) or self.claim(job_id)
         if job is None:
             job = Job(job_id, running.get("spec", {}), None)
             self.jobs[job_id] = job
         if job_id in self.queue:
             self.queue.remove(job_id)
-        self.unclaimed.pop(job_id, None)
-        job.subscribers |= self.waiting_subscribers.pop(job_id, set())
+        job.spec = job.spec or running.get("spec", {})
         job.state, job.executor = "running", peer.identity
         job.pid, job.pgid, job.started_at = running.get("pid"), running.get("pgid"), running.get("started_at")
         peer.jobs.add(job_id)
@@ -363,10 +374,20 @@ class Broker:
     def on_completed(self, identity: bytes, header: dict) -> None:
         job_id = bus.header_field(header, "job_id", str)
         self.to_executor(identity, bus.COMPLETED_ACK, {"job_id": job_id})
-        job = self.jobs.get(job_id)
-        if job is None:
-            return
-        self.finish(job, header)
+        job = self.jobs.get(job_id) or self.claim(job_id)
+        if job is not None:
+            self.finish(job, header)
+
+    def claim(self, job_id: str) -> Job | None:
+        """Turn a record a previous broker left unfinished back into a job."""
+        record = self.unclaimed.pop(job_id, None)
+        if record is None:
+            return None
+        job = Job(job_id, {}, None, state=record["state"], pid=record["pid"], pgid=record["pgid"],
+                  created_at=record["created_at"], started_at=record["started_at"])
+        job.subscribers = self.waiting_subscribers.pop(job_id, set())
+        self.jobs[job_id] = job
+        return job
 
     def finish(self, job: Job, completed: dict) -> None:
         job.state = "finished"
@@ -488,13 +509,8 @@ class Broker:
         if self.settled or time.monotonic() < self.settle_deadline:
             return
         self.settled = True
-        for record in list(self.unclaimed.values()):
-            job = Job(record["job_id"], {}, None, state=record["state"], pid=record["pid"], pgid=record["pgid"],
-                      created_at=record["created_at"], started_at=record["started_at"])
-            job.subscribers = self.waiting_subscribers.pop(job.job_id, set())
-            self.jobs[job.job_id] = job
-            self.lose(job, "no executor claimed it after the broker restarted")
-        self.unclaimed.clear()
+        for job_id in list(self.unclaimed):
+            self.lose(self.claim(job_id), "no executor or client claimed it after the broker restarted")
         self.dispatch()
 
     def prune_if_due(self) -> None:

@@ -5,6 +5,11 @@ shape of the ZeroMQ guide): handlers and executors connect DEALER sockets
 with a stable identity, register with READY, and exchange HEARTBEATs so
 each side notices the other's death or restart. Every message is a
 multipart frame list: [kind, JSON header] plus, for OUTPUT, the raw bytes.
+
+Output bound for handlers travels on a socket pair of its own (the data
+plane): when a handler falls behind, its output queue fills and further
+output is dropped (the journal has it), while answers and job events on
+the control plane never wait behind bulk data.
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ def unpack(frames: list[bytes]) -> tuple[bytes, dict, list[bytes]]:
 
 def frontend_endpoint(run_dir: str) -> str:
     return f"ipc://{os.path.join(run_dir, 'broker-handlers.ipc')}"
+
+
+def handler_data_endpoint(run_dir: str) -> str:
+    return f"ipc://{os.path.join(run_dir, 'broker-handlers-data.ipc')}"
 
 
 def backend_endpoint(run_dir: str) -> str:

@@ -164,6 +164,7 @@ class Client:
         if self.ws is not None:
             await self.ws.close()
         if self._reader is not None:
+            self._reader.cancel()  # it may be waiting to retry a lost connection
             await asyncio.gather(self._reader, return_exceptions=True)
 
     async def _read(self) -> None:

@@ -141,6 +141,8 @@ class JobStream:
                 await self.wait_for_events()
                 while self.notices:
                     await self.session.send(self.notices.popleft())
+                if not self.responded:  # output may overtake the job's start on the data plane
+                    continue
                 for stream in STREAMS:
                     await self.deliver(stream)
                 if self.final is not None:
@@ -347,7 +349,7 @@ class Session:
         try:
             job = self.jobs.get(spec.job_id) if spec.job_id else self.running_job()
             if job is None or job.finished:
-                what = f"job {spec.job_id}" if spec.job_id else "a running job on this connection"
+                what = f"job {spec.job_id} on this connection" if spec.job_id else "running job on this connection"
                 raise ProtocolError(protocol.JOB_NOT_FOUND, f"Process not found: no {what}",
                                     {"job_id": spec.job_id}, request.id)
             result = await self.handler.ask_broker({"job_id": job.job_id, "action": spec.action}, bus.CONTROL)
@@ -367,6 +369,7 @@ class Handler:
         self.settings = settings
         self.ctx = zmq.asyncio.Context()
         self.broker = bus.dealer(self.ctx, "handler", bus.frontend_endpoint(settings.run_dir))
+        self.data = bus.dealer(self.ctx, "handler", bus.handler_data_endpoint(settings.run_dir))
         self.sessions: set[Session] = set()
         self.followers: dict[str, set[JobStream]] = {}
         self.asked: dict[str, asyncio.Future] = {}  # broker answers awaited, by ref
@@ -418,9 +421,9 @@ class Handler:
         finally:
             self.asked.pop(ref, None)
 
-    async def broker_loop(self) -> None:
+    async def broker_loop(self, sock: zmq.asyncio.Socket) -> None:
         while True:
-            frames = await self.broker.recv_multipart()
+            frames = await sock.recv_multipart()
             self.broker_seen = time.monotonic()
             try:
                 kind, header, payload = bus.unpack(frames)
@@ -542,7 +545,8 @@ class Handler:
             loop.add_signal_handler(sig, self.stopping.set)
         listener = socket.socket(fileno=fd)
         listener.setblocking(False)
-        background = [loop.create_task(self.broker_loop()), loop.create_task(self.heartbeat_loop())]
+        background = [loop.create_task(self.broker_loop(self.broker)), loop.create_task(self.broker_loop(self.data)),
+                      loop.create_task(self.heartbeat_loop())]
         if self.settings.watchdog_port:
             background.append(loop.create_task(WatchdogPulse(self.settings.watchdog_port).run()))
         self.register()
@@ -555,6 +559,7 @@ class Handler:
         for task in background:
             task.cancel()
         self.broker.close(linger=0)
+        self.data.close(linger=0)
 
 
 def broker_answer(request: protocol.Request, answer: dict) -> dict:

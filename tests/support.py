@@ -118,8 +118,11 @@ class Daemon:
         if self.proc.poll() is not None:
             raise RuntimeError(f"ccexecd exited with {self.proc.returncode}:\n{self.log_tail()}")
         try:
-            return http_get(self.port, "/ready", timeout=2)[0] == 200
-        except OSError:
+            if http_get(self.port, "/ready", timeout=2)[0] != 200:
+                return False
+            # Answered by one of this daemon's own handlers, not a stale one.
+            return psutil.Process(self.health()["handler_pid"]).ppid() == self.proc.pid
+        except (OSError, psutil.Error):
             return False
 
     def wait_ready(self, timeout: float = 20) -> None:

@@ -1,0 +1,136 @@
+"""What a crashed instance left behind, found and ended at start.
+
+A `kill -9` of the arbiter orphans its children: handlers still hold the
+port, executors still run jobs. A new `ccexecd` ends them itself (they are
+ccexec processes of this user, identified by their command line and the
+config they run with), then kills the process groups of jobs whose records
+say they were running, and marks those jobs lost. No manual pkill or lsof.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import psutil
+
+from ccexec import config, logs
+from ccexec.store import JobStore
+
+log = logging.getLogger("ccexec.arbiter")
+
+STALE_GRACE = 10.0  # seconds stale executors get to end their jobs' trees on SIGTERM
+
+
+class DaemonRunning(Exception):
+    """Another live ccexecd already serves this state directory or port."""
+
+
+def _ccexec_role(proc: psutil.Process) -> str | None:
+    cmdline = proc.info["cmdline"] or []
+    if cmdline[1:3] == ["-m", "ccexec"] and len(cmdline) > 3:
+        return cmdline[3]
+    if len(cmdline) > 1 and cmdline[1:2] == ["-c"] and "circus" in cmdline[2] and "plugins" in cmdline[2]:
+        return "plugin"
+    return None
+
+
+def _is_arbiter(proc: psutil.Process | None) -> bool:
+    try:
+        return proc is not None and any(part.endswith("ccexecd") for part in proc.cmdline()[:2])
+    except psutil.Error:
+        return False
+
+
+def _instance_of(proc: psutil.Process) -> str | None:
+    """The effective config a ccexec process runs with: its instance."""
+    try:
+        if _ccexec_role(proc) == "plugin":
+            cmdline = " ".join(proc.info["cmdline"])
+            return cmdline.split("--endpoint ipc://", 1)[1].split("/circus.ipc", 1)[0] + "/ccexec.ini" \
+                if "--endpoint ipc://" in cmdline else None
+        return proc.environ().get("CCEXEC_CONFIG")
+    except (psutil.Error, IndexError):
+        return None
+
+
+def listeners(port: int) -> set[int]:
+    return {c.pid for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid}
+
+
+def stale_processes(settings: config.Settings, effective_config: str) -> list[psutil.Process]:
+    """ccexec processes of this user whose arbiter is gone, of this instance
+    or of any instance holding our port. Raises DaemonRunning for live ones."""
+    holders = listeners(settings.port)
+    uid = os.getuid()
+    candidates = []
+    for proc in psutil.process_iter(["pid", "ppid", "uids", "cmdline"]):
+        if proc.info["uids"] and proc.info["uids"].real == uid and _ccexec_role(proc):
+            candidates.append(proc)
+    instances = {effective_config}
+    instances |= {_instance_of(p) for p in candidates if p.pid in holders}
+    stale = [p for p in candidates if _instance_of(p) in instances]
+    for proc in stale:
+        try:
+            parent = proc.parent()
+        except psutil.Error:
+            parent = None
+        if _is_arbiter(parent):
+            raise DaemonRunning(f"ccexecd is already running as PID {parent.pid} "
+                                f"(its {_ccexec_role(proc)} PID {proc.pid} serves this instance)")
+    return stale
+
+
+def end_stale_processes(stale: list[psutil.Process]) -> None:
+    logs.event(log, "daemon.stale_processes", logging.WARNING,
+               pids=",".join(f"{p.pid}:{_ccexec_role(p)}" for p in stale))
+    for proc in stale:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(stale, timeout=STALE_GRACE)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _group_leader_matches(pgid: int, started_at: float | None) -> bool:
+    """The group's leader is still the job we recorded, not a reused PID."""
+    try:
+        leader = psutil.Process(pgid)
+        return started_at is None or abs(leader.create_time() - started_at) < 5.0
+    except psutil.Error:
+        return False
+
+
+def reap_orphan_jobs(settings: config.Settings) -> int:
+    """Kill the process groups of jobs a crashed instance left; mark them lost."""
+    store = JobStore(settings.state_dir)
+    try:
+        records = store.unfinished()
+        for record in records:
+            pgid = record["pgid"]
+            if pgid and _group_leader_matches(pgid, record["started_at"]):
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except OSError:
+                    pass
+            store.finished({
+                "job_id": record["job_id"], "pid": record["pid"], "pgid": pgid,
+                "exit_code": -signal.SIGKILL, "reason": "lost",
+                "error": "the daemon stopped unexpectedly while this job was "
+                         + ("running" if record["started_at"] else "waiting"),
+                "execution_time": time.time() - (record["started_at"] or record["created_at"]),
+                "stdout_bytes": None, "stderr_bytes": None})
+            logs.event(log, "job.finished", logging.WARNING, job_id=record["job_id"], reason="lost",
+                       pgid=pgid, error="left by a previous instance")
+        return len(records)
+    finally:
+        store.close()

@@ -1,0 +1,200 @@
+"""Fault injection against the real daemon: kill -9 and SIGSTOP of each
+process kind, and a client that stops reading while its job writes 1 GiB.
+
+(kill -9 of a handler during a streaming job is in test_resume.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+
+import psutil
+import websockets
+
+from ccexec.client import Client
+from support import Daemon, async_test, marked_processes, wait_for
+from wire import Wire
+
+PY = sys.executable
+TICKER = f"{PY} -c \"import sys, time\nfor i in range(150):\n    print(f'tick {{i:04d}}', flush=True); time.sleep(0.02)\""
+TICKER_OUTPUT = "".join(f"tick {i:04d}\n" for i in range(150))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@async_test(90)
+async def test_killed_broker_jobs_finish_and_clients_get_everything(make_daemon):
+    d = make_daemon()
+    [broker] = d.role_pids("broker")
+    async with Client(d.url) as a, Client(d.url) as b, Client(d.url) as c:
+        jobs = [await client.execute(TICKER) for client in (a, b, c)]
+        await asyncio.gather(*(_first_output(job) for job in jobs))
+        os.kill(broker, signal.SIGKILL)
+        killed_at = time.monotonic()
+        results = await asyncio.gather(*(job.wait(60) for job in jobs))
+        new_broker = wait_for(lambda: d.role_pids("broker"), 10, what="a respawned broker")
+        recovery = time.monotonic() - killed_at
+    assert new_broker != [broker]
+    for result in results:
+        assert result.reason == "exit" and result.exit_code == 0
+        assert result.stdout == TICKER_OUTPUT
+    print(f"broker kill -9: all three jobs completed {recovery:.2f} s after the kill")
+    assert d.health()["status"] == "healthy"
+
+
+async def _first_output(job) -> None:
+    async for event in job.events(timeout=20):
+        if event["method"] == "process.output":
+            return
+
+
+@async_test(90)
+async def test_killed_executor_jobs_end_lost_and_leave_no_orphans(make_daemon):
+    d = make_daemon()
+    async with Client(d.url) as client:
+        job = await client.execute("sleep 100 & sleep 100 & wait")
+        tree = wait_for(lambda: (lambda kids: [job.pid, *kids] if len(kids) >= 2 else None)(_descendants(job.pid)),
+                        10, what="the job's tree")
+        executor = psutil.Process(job.pid).ppid()
+        assert executor in d.role_pids("executor")
+        os.kill(executor, signal.SIGKILL)
+        killed_at = time.monotonic()
+        result = await job.wait(30)
+        ended_after = time.monotonic() - killed_at
+        assert result.reason == "lost" and result.status == "failed"
+        assert ended_after < 8, f"lost only after {ended_after:.1f} s"
+        wait_for(lambda: not any(_alive(p) for p in tree), 5, what="the job's tree to be gone")
+        wait_for(lambda: len(d.role_pids("executor")) == 2, 10, what="a respawned executor")
+        again = await client.execute("echo still serving")
+        assert (await again.wait(20)).stdout == "still serving\n"
+    print(f"executor kill -9: job ended lost {ended_after:.2f} s after the kill")
+
+
+def test_killed_arbiter_new_daemon_takes_over_port_and_orphans(tmp_path):
+    """kill -9 of ccexecd itself: a new ccexecd on the same port and state
+    directory starts by itself, ending the old processes and their jobs."""
+    old = Daemon(tmp_path)
+    new = None
+    try:
+        old.start()
+        job = asyncio.run(_start_detached(old.url, "sleep 300 & sleep 300 & wait"))
+        tree = wait_for(lambda: (lambda kids: [job["pid"], *kids] if len(kids) >= 2 else None)(
+            _descendants(job["pid"])), 10, what="the job's tree")
+        orphans = old.processes()
+        old.proc.send_signal(signal.SIGKILL)
+        old.proc.wait(10)
+        assert all(_alive(p.pid) for p in orphans if p.pid not in tree)  # handlers still hold the port
+        new = Daemon(tmp_path)
+        new.port = old.port
+        started = time.monotonic()
+        new.start(timeout=20)
+        takeover = time.monotonic() - started
+        assert not [p.pid for p in orphans if _alive(p.pid)], "old processes survived the takeover"
+        assert not marked_processes(old.mark)
+        record = asyncio.run(_job_status(new.url, job["job_id"]))
+        assert record["state"] == "finished" and record["reason"] in ("canceled", "lost")
+        assert takeover < 10, f"takeover took {takeover:.1f} s"
+        print(f"arbiter kill -9: new ccexecd ready {takeover:.2f} s after it was started")
+    finally:
+        for daemon in (new, old):
+            if daemon is not None:
+                daemon.stop()
+                daemon.cleanup()
+
+
+async def _start_detached(url: str, command: str) -> dict:
+    async with Client(url) as client:
+        job = await client.execute(command, detach=True)
+        return {"job_id": job.job_id, "pid": job.pid}
+
+
+async def _job_status(url: str, job_id: str) -> dict:
+    async with Client(url) as client:
+        return await client.job_status(job_id)
+
+
+@async_test(60)
+async def test_stopped_handler_is_killed_and_respawned_while_service_answers(make_daemon):
+    d = make_daemon()
+    victim = d.role_pids("handler")[0]
+    os.kill(victim, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        async with Client(d.url) as client:  # the other handler takes new connections
+            result = await (await client.execute("echo served")).wait(20)
+        assert result.stdout == "served\n"
+        await asyncio.to_thread(wait_for, lambda: not _alive(victim), 15, 0.1, "the watchdog's kill")
+        killed_after = time.monotonic() - stopped_at
+        await asyncio.to_thread(wait_for, lambda: len(d.role_pids("handler")) == 2, 10, 0.1, "a new handler")
+    finally:
+        if _alive(victim):
+            os.kill(victim, signal.SIGCONT)
+    assert killed_after < 8, f"frozen handler killed only after {killed_after:.1f} s"
+    print(f"SIGSTOP of a handler: killed by the watchdog after {killed_after:.2f} s")
+
+
+@async_test(240)
+async def test_client_that_stops_reading_costs_no_memory_and_loses_nothing(make_daemon):
+    """1 GiB of output to a client that does not read: it waits in the journal."""
+    d = make_daemon()
+    line = "0" * 999 + "\n"
+    size = 1 << 30
+    command = f"yes {'0' * 999} | head -c {size}"
+    watched = [psutil.Process(p) for p in d.role_pids("handler") + d.role_pids("broker")]
+    baseline = sum(p.memory_info().rss for p in watched)
+    async with websockets.connect(d.url, max_size=None, max_queue=4) as slow:
+        await slow.send(json.dumps({"jsonrpc": "2.0", "method": "execute", "id": 1,
+                                    "params": {"command": command, "stream_mode": "chunks"}}))
+        # Not reading now. Watch memory until the job has written everything.
+        peak = baseline
+        job_done = False
+        deadline = time.monotonic() + 180
+        async with Client(d.url) as other:
+            while not job_done and time.monotonic() < deadline:
+                peak = max(peak, sum(p.memory_info().rss for p in watched))
+                records = await other.jobs(state="finished", limit=5)
+                job_done = any(r["command"] == command for r in records)
+                await asyncio.sleep(0.2)
+            # Another client is served meanwhile.
+            assert (await (await other.execute("echo unaffected")).wait(20)).stdout == "unaffected\n"
+        assert job_done, "the job did not finish writing within 180 s"
+        growth = (peak - baseline) / 2**20
+        print(f"slow client, 1 GiB: handler+broker RSS {baseline / 2**20:.0f} MiB -> peak "
+              f"{peak / 2**20:.0f} MiB (+{growth:.0f} MiB)")
+        assert growth < 100
+        # Now read: every byte arrives, in order.
+        digest, received = hashlib.sha256(), 0
+        while True:
+            message = json.loads(await asyncio.wait_for(slow.recv(), 30))
+            if message.get("method") == "process.output":
+                assert message["params"]["offset"] == received
+                data = message["params"]["data"].encode()
+                digest.update(data)
+                received += len(data)
+            elif message.get("method") == "process.completed":
+                assert message["params"]["stdout_bytes"] == size
+                break
+    expected = hashlib.sha256()
+    block = (line * 1024).encode()
+    for _ in range(size // len(block)):
+        expected.update(block)
+    expected.update((line * 1024).encode()[: size % len(block)])
+    assert received == size and digest.hexdigest() == expected.hexdigest()
