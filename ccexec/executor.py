@@ -21,7 +21,7 @@ import psutil
 import zmq
 import zmq.asyncio
 
-from ccexec import bus, config, logs
+from ccexec import bus, config, logs, stall
 from ccexec.journal import JournalWriter
 from ccexec.liveness import WatchdogPulse
 
@@ -42,6 +42,7 @@ class RunningJob:
     ended_by: str | None = None  # reason, when ccexec ended the job itself
     ended_error: str | None = None
     paused: bool = False
+    output_bytes: int = 0  # read from its pipes so far
 
     def describe(self) -> dict:
         return {"job_id": self.job_id, "pid": self.pid, "pgid": self.pid,
@@ -175,6 +176,8 @@ class Executor:
         if not await self.in_thread(os.path.isdir, cwd):
             return 126, "rejected", f"working directory does not exist: {cwd}"
         argv = self.argv(job.spec)
+        stall_timeout = job.spec.get("stall_timeout")
+        stall_timeout = self.settings.stall_timeout if stall_timeout is None else stall_timeout
         stdin_text = job.spec.get("stdin")
         try:
             job.proc = await asyncio.create_subprocess_exec(
@@ -194,7 +197,10 @@ class Executor:
         pumps = [asyncio.ensure_future(self.pump(job, journal, "stdout", job.proc.stdout)),
                  asyncio.ensure_future(self.pump(job, journal, "stderr", job.proc.stderr))]
         feeder = asyncio.ensure_future(self.feed_stdin(job.proc, stdin_text)) if stdin_text is not None else None
+        monitor = asyncio.ensure_future(self.watch_stall(job, stall_timeout)) if stall_timeout else None
         await self.wait_leader(job)
+        if monitor is not None:
+            monitor.cancel()
         await self.drain(job, pumps)
         if feeder is not None:
             feeder.cancel()
@@ -207,6 +213,23 @@ class Executor:
         except asyncio.TimeoutError:
             await self.end_job(job, "timeout", f"timed out after {timeout:g} s")
             await job.proc.wait()
+
+    async def watch_stall(self, job: RunningJob, stall_timeout: float) -> None:
+        """End the job as stalled once its tree shows no progress for stall_timeout s."""
+        loop = asyncio.get_running_loop()
+        watch = stall.ProgressWatch(stall_timeout, loop.time())
+        interval = stall.sample_interval(stall_timeout)
+        try:
+            while job.ended_by is None:
+                sample = await self.in_thread(stall.sample_tree, job.pid)
+                if job.paused or sample is None:  # paused on request, or already exiting
+                    watch.restart(loop.time())
+                elif watch.observe(sample, job.output_bytes, loop.time()) and job.ended_by is None:
+                    await self.end_job(job, "stalled", f"no output, CPU or I/O for {stall_timeout:g} s")
+                    return
+                await asyncio.sleep(interval)
+        except Exception as exc:  # a broken monitor must not take the job down
+            logs.event(log, "executor.stall_watch_failed", logging.WARNING, job_id=job.job_id, error=exc)
 
     async def drain(self, job: RunningJob, pumps: list[asyncio.Future]) -> None:
         """Read the pipes to their end; what the leader left running is ended."""
@@ -232,6 +255,7 @@ class Executor:
             data = await reader.read(READ_SIZE)
             if not data:
                 return
+            job.output_bytes += len(data)
             offset = await self.in_thread(journal.append, stream, data)
             self.try_send(bus.OUTPUT, {"job_id": job.job_id, "stream": stream, "offset": offset}, data)
 
