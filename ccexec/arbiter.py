@@ -19,6 +19,7 @@ import click
 import psutil
 
 from ccexec import __version__, config, leftovers, logs
+from ccexec.systemd import SystemdNotify
 
 log = logging.getLogger("ccexec.arbiter")
 
@@ -108,14 +109,17 @@ class _ShutdownRaceFilter(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], ConflictError))
 
 
-def run_circus(path: str) -> int:
+def run_circus(path: str, settings: config.Settings) -> int:
     from circus.arbiter import Arbiter
     from circus.util import check_future_exception_and_log
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(_ShutdownRaceFilter())
+    notify = SystemdNotify(settings)
+    notify.start()
     arbiter = Arbiter.load_from_config(path)
     future = arbiter.start()
+    notify.stopping()
     return 1 if check_future_exception_and_log(future) is not None else 0
 
 
@@ -145,6 +149,6 @@ def main(config_file, host, port, handlers, executors, state_dir, log_level) -> 
     logs.event(log, "daemon.starting", version=__version__, pid=os.getpid(),
                listen=f"{settings.host}:{settings.port}", handlers=settings.handlers,
                executors=settings.executors, state_dir=settings.state_dir)
-    status = run_circus(path)
+    status = run_circus(path, settings)
     logs.event(log, "daemon.stopped", pid=os.getpid(), status=status)
     sys.exit(status)

@@ -1,0 +1,60 @@
+"""systemd integration of the arbiter (Type=notify).
+
+READY=1 goes out once the daemon really serves (its own /ready answers
+200: socket bound, broker up, an executor registered); WATCHDOG=1 goes out
+from the arbiter's event loop at half of WatchdogSec, so a hung arbiter is
+restarted by systemd. Without NOTIFY_SOCKET this does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import sdnotify
+from tornado.httpclient import AsyncHTTPClient
+from tornado.ioloop import PeriodicCallback
+
+from ccexec.config import Settings
+
+TICK_MS = 250
+DEFAULT_WATCHDOG_INTERVAL = 5.0  # seconds, when systemd sets no WATCHDOG_USEC
+
+
+class SystemdNotify:
+    def __init__(self, settings: Settings):
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        self.ready_url = f"http://{host}:{settings.port}/ready"
+        self.listen = f"{settings.host}:{settings.port}"
+        usec = os.environ.get("WATCHDOG_USEC")
+        self.watchdog_interval = int(usec) / 2e6 if usec and usec.isdigit() else DEFAULT_WATCHDOG_INTERVAL
+        self.next_watchdog = 0.0
+        self.ready = False
+        self.checking = False
+        self.notifier: sdnotify.SystemdNotifier | None = None
+
+    def start(self) -> None:
+        """Call from the thread that runs the arbiter's loop, before it starts."""
+        if not os.environ.get("NOTIFY_SOCKET"):
+            return
+        self.notifier = sdnotify.SystemdNotifier()
+        PeriodicCallback(self.tick, TICK_MS).start()
+
+    def stopping(self) -> None:
+        if self.notifier is not None:
+            self.notifier.notify("STOPPING=1")
+
+    async def tick(self) -> None:
+        now = time.monotonic()
+        if now >= self.next_watchdog:
+            self.next_watchdog = now + self.watchdog_interval
+            self.notifier.notify("WATCHDOG=1")
+        if not self.ready and not self.checking:
+            self.checking = True
+            try:
+                reply = await AsyncHTTPClient().fetch(self.ready_url, raise_error=False, request_timeout=2)
+                if reply.code == 200:
+                    self.ready = True
+                    self.notifier.notify(f"READY=1\nSTATUS=serving on {self.listen}\nMAINPID={os.getpid()}")
+            finally:
+                self.checking = False

@@ -1,0 +1,58 @@
+"""systemd integration: the unit verifies, and the notify protocol for real."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from support import ROOT, wait_for
+
+UNIT = ROOT / "systemd" / "ccexec.service"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
+def test_unit_passes_systemd_analyze_verify(tmp_path):
+    # verify checks that ExecStart exists: point it at this checkout's ccexecd.
+    ccexecd = Path(sys.executable).parent / "ccexecd"
+    unit = tmp_path / "ccexec.service"
+    unit.write_text(UNIT.read_text().replace("/opt/ccexec/.venv/bin/ccexecd", str(ccexecd)))
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stderr
+    assert "Type=notify" in UNIT.read_text() and "WatchdogSec=" in UNIT.read_text()
+
+
+def test_notify_socket_gets_ready_once_serving_then_periodic_watchdog(make_daemon, tmp_path):
+    notify_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(notify_path)
+    sock.settimeout(0.2)
+    daemon = make_daemon(start=False, env={"NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "1000000"})
+    messages: list[tuple[float, str]] = []
+
+    def receive():
+        try:
+            messages.append((time.monotonic(), sock.recv(4096).decode()))
+        except socket.timeout:
+            pass
+        return messages
+
+    try:
+        daemon.start()
+        wait_for(lambda: any("READY=1" in m for _, m in receive()), 20, 0, "READY=1")
+        assert daemon.ready()  # READY=1 only once the daemon really serves
+        ready_at = next(t for t, m in messages if "READY=1" in m)
+        wait_for(lambda: sum("WATCHDOG=1" in m for t, m in receive() if t > ready_at) >= 3, 10, 0,
+                 "three WATCHDOG=1 after READY=1")
+        ready = next(m for _, m in messages if "READY=1" in m)
+        assert f"MAINPID={daemon.proc.pid}" in ready and "STATUS=serving" in ready
+        assert daemon.stop() == 0
+        wait_for(lambda: any("STOPPING=1" in m for _, m in receive()), 10, 0, "STOPPING=1")
+    finally:
+        sock.close()
