@@ -59,13 +59,11 @@ def _watchers(daemon: Daemon) -> list[dict]:
     for name in sorted(names):
         info = daemon.call("stats", name=name).get("info", {})
         status = daemon.call("status", name=name).get("status")
-        for pid, proc in sorted(info.items()):
-            if not isinstance(proc, dict):
-                continue
-            rows.append({"watcher": name, "status": status, "pid": int(pid),
-                         "rss_mib": round(proc.get("mem_info1", 0) / 2**20, 1) if isinstance(proc.get("mem_info1"), (int, float)) else None,
+        processes = {pid: proc for pid, proc in info.items() if isinstance(proc, dict)}
+        for pid, proc in sorted(processes.items()):
+            rows.append({"watcher": name, "status": status, "pid": int(pid), "rss_mib": None,
                          "uptime": round(proc.get("age", 0), 1), "cmdline": proc.get("cmdline")})
-        if not info:
+        if not processes:
             rows.append({"watcher": name, "status": status, "pid": None, "rss_mib": None,
                          "uptime": None, "cmdline": None})
     return rows
@@ -113,19 +111,23 @@ def status(ctx: click.Context) -> None:
         row["rss_mib"] = _rss_mib(row["pid"])
     try:
         code, health = daemon.http("/health")
+        ready_code, ready = daemon.http("/ready")
     except OSError as exc:
         code, health = 0, {"status": "unreachable", "error": str(exc)}
+        ready_code, ready = 0, {"status": "not_ready", "reason": "unreachable"}
+    healthy = code == 200 and health.get("status") == "healthy" and ready_code == 200
     if ctx.obj["json"]:
-        click.echo(json.dumps({"processes": rows, "health": health}, indent=2))
+        click.echo(json.dumps({"processes": rows, "health": health, "ready": ready}, indent=2))
     else:
         click.echo(f"{'WATCHER':<18} {'STATUS':<8} {'PID':>7} {'RSS MiB':>8} {'UPTIME s':>9}")
         for r in rows:
             click.echo(f"{r['watcher']:<18} {r['status'] or '-':<8} {r['pid'] or '-':>7} "
                        f"{r['rss_mib'] if r['rss_mib'] is not None else '-':>8} "
                        f"{r['uptime'] if r['uptime'] is not None else '-':>9}")
-        click.echo(f"health: {health.get('status')}  sessions: {health.get('active_sessions', '-')}"
+        readiness = "ready" if ready_code == 200 else f"not ready ({ready.get('reason')})"
+        click.echo(f"health: {health.get('status')}, {readiness}  sessions: {health.get('active_sessions', '-')}"
                    f"  running: {health.get('running_jobs', '-')}  queued: {health.get('queued_jobs', '-')}")
-    sys.exit(0 if code == 200 and health.get("status") == "healthy" else EXIT_FAILED)
+    sys.exit(0 if healthy else EXIT_FAILED)
 
 
 @main.command()

@@ -71,7 +71,7 @@ class Daemon:
     """A real ccexecd on a free loopback port, in its own temp directory."""
 
     def __init__(self, tmp: Path, settings: dict | None = None, env: dict | None = None,
-                 handlers: int = 2, executors: int = 2):
+                 handlers: int = 2, executors: int = 2, sections: dict[str, dict] | None = None):
         self.tmp = tmp
         self.port = free_port()
         self.state_dir = tmp / "state"
@@ -81,7 +81,7 @@ class Daemon:
         self.log_path = tmp / "ccexecd.log"
         self.mark = uuid.uuid4().hex
         self.handlers, self.executors = handlers, executors
-        self._write_config(settings or {})
+        self._write_config(settings or {}, sections or {})
         self.env = {**os.environ, MARK: self.mark,
                     "PATH": os.pathsep.join([str(FAKE_CLAUDE_DIR), str(Path(sys.executable).parent),
                                              os.environ.get("PATH", "")]),
@@ -92,13 +92,16 @@ class Daemon:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
-    def _write_config(self, settings: dict) -> None:
+    def _write_config(self, settings: dict, sections: dict[str, dict]) -> None:
         ini = configparser.ConfigParser(interpolation=None)
         ini.read(ROOT / "etc" / "ccexec.ini")
         base = {"workdir": str(self.workdir), "heartbeat_interval": "6", "detach_grace": "3",
                 "kill_grace": "1"}
         for key, value in {**base, **settings}.items():
             ini.set("ccexec", key, str(value))
+        for section, values in sections.items():
+            for key, value in values.items():
+                ini.set(section, key, str(value))
         with open(self.config, "w") as f:
             ini.write(f)
 

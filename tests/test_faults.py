@@ -11,14 +11,16 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import websockets
 
 from ccexec.client import Client
-from support import Daemon, async_test, marked_processes, wait_for
+from support import Daemon, async_test, http_get, marked_processes, wait_for
 from wire import Wire
 
 PY = sys.executable
@@ -198,3 +200,24 @@ async def test_client_that_stops_reading_costs_no_memory_and_loses_nothing(make_
         expected.update(block)
     expected.update((line * 1024).encode()[: size % len(block)])
     assert received == size and digest.hexdigest() == expected.hexdigest()
+
+
+def test_crash_loop_is_stopped_and_shows_in_status(make_daemon):
+    """Circus's flapping protection: an executor that dies at once, again and
+    again, is stopped, and `ccexecctl status` says so; the service says why."""
+    d = make_daemon(start=False, sections={"watcher:executor": {"cmd": "/bin/false"}})
+    d.log = open(d.log_path, "ab")
+    d.proc = subprocess.Popen(d.command(), env=d.env, cwd=d.tmp, stdout=d.log, stderr=subprocess.STDOUT)
+    ctl = [str(Path(sys.executable).parent / "ccexecctl"), "--state-dir", str(d.state_dir), "--json", "status"]
+
+    def executor_stopped() -> bool:
+        status = subprocess.run(ctl, capture_output=True, text=True, timeout=30)
+        try:
+            rows = json.loads(status.stdout)["processes"]
+        except (ValueError, KeyError):
+            return False
+        return {r["status"] for r in rows if r["watcher"] == "executor"} == {"stopped"} and status.returncode == 1
+
+    wait_for(executor_stopped, 30, 0.2, "the flapping executor watcher to be stopped")
+    status, body, _ = http_get(d.port, "/ready")
+    assert status == 503 and json.loads(body)["reason"] == "no executor ready"

@@ -1,0 +1,68 @@
+"""Job records (SQLite, WAL) and their retention, without a daemon."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from ccexec.store import JobStore
+
+
+@pytest.fixture
+def store(tmp_path):
+    (tmp_path / "jobs").mkdir()
+    s = JobStore(str(tmp_path))
+    yield s
+    s.close()
+
+
+def _job(store: JobStore, tmp_path, job_id: str, size: int = 0, finished: bool = True) -> None:
+    store.accepted(job_id, {"command": f"echo {job_id}", "name": None}, "127.0.0.1:1", "queued")
+    store.started(job_id, 100, 100, time.time())
+    journal = tmp_path / "jobs" / job_id
+    journal.mkdir()
+    (journal / "stdout").write_bytes(b"x" * size)
+    if finished:
+        store.finished({"job_id": job_id, "exit_code": 0, "reason": "exit", "error": None,
+                        "stdout_bytes": size, "stderr_bytes": 0, "pid": 100})
+
+
+def test_database_is_in_wal_mode(store):
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_record_follows_a_job_through_its_states(store, tmp_path):
+    _job(store, tmp_path, "a" * 32, size=5, finished=False)
+    assert store.get("a" * 32)["state"] == "running"
+    assert [r["job_id"] for r in store.unfinished()] == ["a" * 32]
+    store.finished({"job_id": "a" * 32, "exit_code": 3, "reason": "exit", "error": None,
+                    "stdout_bytes": 5, "stderr_bytes": 0, "pid": 100})
+    record = store.get("a" * 32)
+    assert (record["state"], record["exit_code"], record["stdout_bytes"]) == ("finished", 3, 5)
+    assert store.completed("a" * 32)["exit_code"] == 3
+    assert store.list("finished")[0]["command"] == "echo " + "a" * 32
+
+
+def test_prune_forgets_jobs_past_the_age_limit(store, tmp_path):
+    _job(store, tmp_path, "a" * 32)
+    store.db.execute("UPDATE jobs SET finished_at = ?", (time.time() - 3600,))
+    _job(store, tmp_path, "b" * 32)
+    assert store.prune(max_age=60, max_bytes=2**40) == 1
+    assert store.get("a" * 32) is None and not (tmp_path / "jobs" / ("a" * 32)).exists()
+    assert store.get("b" * 32) is not None and (tmp_path / "jobs" / ("b" * 32)).exists()
+
+
+def test_prune_keeps_total_journal_size_under_the_limit_oldest_first(store, tmp_path):
+    for name in "abc":
+        _job(store, tmp_path, name * 32, size=1000)
+    assert store.prune(max_age=86400, max_bytes=2500) == 1
+    assert store.get("a" * 32) is None
+    assert sorted(os.listdir(tmp_path / "jobs")) == ["b" * 32, "c" * 32]
+
+
+def test_prune_never_touches_running_jobs(store, tmp_path):
+    _job(store, tmp_path, "a" * 32, size=5000, finished=False)
+    assert store.prune(max_age=0, max_bytes=0) == 0
+    assert store.get("a" * 32)["state"] == "running"
