@@ -10,6 +10,7 @@ watchdog plugin, and runs until SIGTERM/SIGINT stops them all.
 from __future__ import annotations
 
 import configparser
+import json
 import logging
 import os
 import socket
@@ -80,7 +81,19 @@ def resolve(config_file: str | None, **overrides) -> tuple[config.Settings, conf
     ini.set("ccexec", "state_dir", settings.state_dir)
     ini.set("ccexec", "workdir", settings.workdir)
     ini.set("circus", "loglevel", settings.log_level)
+    if settings.log_dir:
+        log_to_files(ini, settings)
     return config.settings_from_ini(ini), ini
+
+
+def log_to_files(ini: configparser.ConfigParser, settings: config.Settings) -> None:
+    """Each watcher's stderr into a size-rotated file (a Circus stream)."""
+    for watcher in config.WATCHERS:
+        section = f"watcher:{watcher}"
+        ini.set(section, "stderr_stream.class", "FileStream")
+        ini.set(section, "stderr_stream.filename", os.path.join(settings.log_dir, f"{watcher}.log"))
+        ini.set(section, "stderr_stream.max_bytes", str(settings.log_max_bytes))
+        ini.set(section, "stderr_stream.backup_count", str(settings.log_backups))
 
 
 def effective_path(settings: config.Settings) -> str:
@@ -96,6 +109,24 @@ def publish(settings: config.Settings, ini: configparser.ConfigParser) -> str:
         "CCEXEC_CONFIG": path, "CCEXEC_WATCHDOG_PORT": str(settings.watchdog_port),
     })
     return path
+
+
+def record_launch(settings: config.Settings, config_file: str | None, overrides: dict) -> None:
+    with open(settings.launch_record, "w") as f:
+        json.dump({"config_file": os.path.abspath(config_file) if config_file else None,
+                   "overrides": overrides, "cwd": os.getcwd(), "pid": os.getpid()}, f)
+
+
+def reload_config(settings: config.Settings) -> config.Settings:
+    """Re-read the config ccexecd was started with into a new effective file
+    (keeping the live watchdog port); Circus applies it with `reloadconfig`."""
+    with open(settings.launch_record) as f:
+        launch = json.load(f)
+    os.chdir(launch["cwd"])
+    fresh, ini = resolve(launch["config_file"], **launch["overrides"])
+    ini.set("ccexec", "watchdog_port", str(settings.watchdog_port))
+    config.write_effective(ini, effective_path(fresh))
+    return config.settings_from_ini(ini)
 
 
 class _ShutdownRaceFilter(logging.Filter):
@@ -135,14 +166,18 @@ def run_circus(path: str, settings: config.Settings) -> int:
 @click.version_option(__version__, prog_name="ccexecd")
 def main(config_file, host, port, handlers, executors, state_dir, log_level) -> None:
     """Run the ccexec daemon in the foreground."""
+    overrides = {k: v for k, v in dict(host=host, port=port, handlers=handlers, executors=executors,
+                                       state_dir=state_dir, log_level=log_level and log_level.lower()).items()
+                 if v is not None}
     try:
-        settings, ini = resolve(config_file, host=host, port=port, handlers=handlers,
-                                executors=executors, state_dir=state_dir,
-                                log_level=log_level.lower() if log_level else None)
-        logs.setup("arbiter", settings.log_level)
+        settings, ini = resolve(config_file, **overrides)
         config.ensure_dirs(settings)
+        logs.setup("arbiter", settings.log_level,
+                   os.path.join(settings.log_dir, "arbiter.log") if settings.log_dir else None,
+                   settings.log_max_bytes, settings.log_backups)
         recover(settings, effective_path(settings))
         path = publish(settings, ini)
+        record_launch(settings, config_file, overrides)
     except (config.ConfigError, PortHeld, leftovers.DaemonRunning) as exc:
         click.echo(f"ccexecd: {exc}", err=True)
         sys.exit(2 if isinstance(exc, config.ConfigError) else 1)

@@ -22,6 +22,7 @@ import zmq
 
 from ccexec import bus, config, logs, protocol, store
 from ccexec.liveness import WatchdogPulse
+from ccexec.metrics import PoolMetrics
 
 log = logging.getLogger("ccexec.broker")
 
@@ -84,7 +85,12 @@ class Broker:
         self.held: dict[str, list[str]] = {}  # predecessor -> jobs sequenced after it
         self.pending_controls: dict[str, bytes] = {}  # control ref -> handler
         self.timers: list[tuple[float, str, str]] = []  # (deadline, kind, job_id)
-        self.totals: dict[str, int] = {}
+        self.metrics = PoolMetrics()
+        # Circus's event stream: every process exit, for the restart counters.
+        self.circus_events = ctx.socket(zmq.SUB)
+        self.circus_events.setsockopt(zmq.LINGER, 0)
+        self.circus_events.setsockopt(zmq.SUBSCRIBE, b"watcher.")
+        self.circus_events.connect(settings.circus_events_endpoint)
         self.started_at = time.time()
         self.next_heartbeat = 0.0
         self.positions_dirty = False
@@ -108,6 +114,7 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
+        poller.register(self.circus_events, zmq.POLLIN)
         logs.event(log, "broker.started", pid=os.getpid())
         while self.running or not self.drained():
             timeout = max(0.0, min(self.next_heartbeat, self._next_timer()) - time.monotonic())
@@ -116,6 +123,8 @@ class Broker:
                 self._drain(self.backend, self.on_executor_message)
             if self.frontend in events:
                 self._drain(self.frontend, self.on_handler_message)
+            if self.circus_events in events:
+                self.count_process_exits()
             self.run_due_timers()
             self.settle_if_due()
             self.prune_if_due()
@@ -141,6 +150,17 @@ class Broker:
             except (ValueError, KeyError, TypeError) as exc:
                 logs.event(log, "broker.bad_message", logging.WARNING,
                            peer=identity.decode(errors="replace"), error=exc)
+
+    def count_process_exits(self) -> None:
+        """Topics read `watcher.<name>.reap` when Circus reaps a process."""
+        while True:
+            try:
+                topic = self.circus_events.recv_multipart(zmq.NOBLOCK)[0].decode(errors="replace")
+            except zmq.Again:
+                return
+            parts = topic.split(".")
+            if len(parts) == 3 and parts[2] == "reap":
+                self.metrics.watcher_exited(parts[1])
 
     def stop(self, *_: object) -> None:
         """SIGTERM: stop taking work; wait (bounded) for executors to report their jobs."""
@@ -169,7 +189,7 @@ class Broker:
             raise
 
     def to_handler(self, identity: bytes, kind: bytes, header: dict, *payload: bytes) -> None:
-        if not self._send(self.frontend, identity, bus.pack(kind, header, *payload)) and kind != bus.OUTPUT:
+        if not self._send(self.frontend, identity, bus.pack(kind, header, *payload)) and kind != bus.HEARTBEAT:
             # Output is in the journal and is re-read from there; anything
             # else is lost only for a handler that is dead or frozen, whose
             # clients reconnect and attach.
@@ -217,7 +237,7 @@ class Broker:
         for job_id in header.get("jobs", []):
             self.subscribe(identity, job_id)
         logs.event(log, "handler.registered", handler=identity.decode())
-        self.to_handler(identity, bus.HEARTBEAT, self.stats())
+        self.to_handler(identity, bus.HEARTBEAT, self.heartbeat_header())
 
     def subscribe(self, identity: bytes, job_id: str) -> None:
         job = self.jobs.get(job_id)
@@ -328,6 +348,10 @@ class Broker:
                 self.to_subscribers(job, bus.OUTPUT, header, *payload)
         elif kind == bus.STARTED:
             self.on_started(header)
+        elif kind == bus.CLAUDE_EVENT:  # control plane, like STARTED: never dropped for output
+            job = self.jobs.get(header.get("job_id"))
+            if job is not None:
+                self.to_subscribers(job, bus.CLAUDE_EVENT, header)
         elif kind == bus.COMPLETED:
             self.on_completed(identity, header)
         elif kind == bus.CONTROL_RESULT:
@@ -367,6 +391,7 @@ class Broker:
         job.state, job.pid, job.pgid = "running", header.get("pid"), header.get("pgid")
         job.started_at = header.get("started_at")
         self.store.started(job.job_id, job.pid, job.pgid, job.started_at)
+        self.metrics.job_started((job.started_at or time.time()) - job.created_at)
         logs.event(log, "job.started", job_id=job.job_id, pid=job.pid,
                    queue_wait=round(time.time() - job.created_at, 3))
         self.to_subscribers(job, bus.STARTED, header)
@@ -395,10 +420,10 @@ class Broker:
         if job.executor in self.executors:
             self.executors[job.executor].jobs.discard(job.job_id)
         self.store.finished(completed)
-        reason = completed.get("reason", "exit")
-        self.totals[reason] = self.totals.get(reason, 0) + 1
-        logs.event(log, "job.finished", job_id=job.job_id, exit=completed.get("exit_code"),
-                   reason=reason, duration=completed.get("execution_time"),
+        self.metrics.job_finished(completed)
+        duration = completed.get("execution_time")
+        logs.event(log, "job.finished", job_id=job.job_id, client=job.client, exit=completed.get("exit_code"),
+                   reason=completed.get("reason"), duration=round(duration, 3) if duration else duration,
                    stdout_bytes=completed.get("stdout_bytes"), stderr_bytes=completed.get("stderr_bytes"),
                    error=completed.get("error"))
         self.to_subscribers(job, bus.COMPLETED, completed)
@@ -465,7 +490,7 @@ class Broker:
                 self.lose_executor(identity, "heartbeat timeout")
             else:
                 self.to_executor(identity, bus.HEARTBEAT, {})
-        stats = self.stats()
+        stats = self.heartbeat_header()
         for identity, peer in list(self.handlers.items()):
             if now - peer.last_seen > PEER_TIMEOUT:
                 self.lose_handler(identity)
@@ -539,6 +564,12 @@ class Broker:
         else:
             self.finish_unstarted(job, "canceled", "canceled: its client went away")
 
+    def heartbeat_header(self) -> dict:
+        """What handlers learn with each heartbeat: the pool's state and metrics."""
+        stats = self.stats()
+        stats["metrics"] = self.metrics.render(stats)
+        return stats
+
     def stats(self) -> dict:
         states = [j.state for j in self.jobs.values()]
         return {
@@ -548,7 +579,6 @@ class Broker:
             "capacity": self.capacity(),
             "running": sum(1 for s in states if s in ("running", "dispatched")),
             "queued": sum(1 for s in states if s in ("queued", "held")),
-            "jobs_total": dict(self.totals),
             "uptime": time.time() - self.started_at,
         }
 

@@ -37,7 +37,8 @@ COMPLETED_ACK = b"COMPLETED_ACK"  # {job_id}
 # --- executor -> broker (and forwarded to handlers)
 STARTED = b"STARTED"      # {job_id, pid, pgid, started_at}
 OUTPUT = b"OUTPUT"        # {job_id, stream, offset} + raw bytes frame
-COMPLETED = b"COMPLETED"  # {job_id, exit_code, reason, error, ...}
+COMPLETED = b"COMPLETED"  # {job_id, exit_code, reason, error, ..., claude?}
+CLAUDE_EVENT = b"CLAUDE_EVENT"  # {job_id, stdout_end, method, params}: due once stdout to stdout_end is sent
 # --- both directions, both faces
 READY = b"READY"          # register: {role, pid, capacity, jobs, connections}
 HEARTBEAT = b"HEARTBEAT"  # executor {running}, handler {connections}, broker -> handler: pool stats

@@ -47,6 +47,9 @@ class Settings:
     watchdog_port: int = 0
     retention_days: float = 7.0
     retention_bytes: int = 10 * 2**30
+    log_dir: str = ""
+    log_max_bytes: int = 10 * 2**20
+    log_backups: int = 5
 
     @property
     def run_dir(self) -> str:
@@ -55,6 +58,15 @@ class Settings:
     @property
     def jobs_dir(self) -> str:
         return os.path.join(self.state_dir, "jobs")
+
+    @property
+    def launch_record(self) -> str:
+        """How ccexecd was started (config file, options, cwd), for reload and restart."""
+        return os.path.join(self.run_dir, "launch.json")
+
+    @property
+    def circus_events_endpoint(self) -> str:
+        return f"ipc://{os.path.join(self.run_dir, 'circus-events.ipc')}"
 
     @property
     def circus_endpoint(self) -> str:
@@ -158,6 +170,9 @@ def settings_from_ini(ini: configparser.ConfigParser) -> Settings:
         watchdog_port=_number(ini, c, "watchdog_port", d.watchdog_port, int, 0, 65535),
         retention_days=_number(ini, c, "retention_days", d.retention_days, float, 0, 36500),
         retention_bytes=_number(ini, c, "retention_bytes", d.retention_bytes, int, 0, 2**62),
+        log_dir=os.path.abspath(os.path.expanduser(get("log_dir", ""))) if get("log_dir", "") else "",
+        log_max_bytes=_number(ini, c, "log_max_bytes", d.log_max_bytes, int, 4096, 2**40),
+        log_backups=_number(ini, c, "log_backups", d.log_backups, int, 0, 1000),
     )
 
 
@@ -179,6 +194,8 @@ def load_effective() -> Settings:
 
 
 def ensure_dirs(settings: Settings) -> None:
-    for path in (settings.state_dir, settings.run_dir, settings.jobs_dir):
+    for path in (settings.state_dir, settings.run_dir, settings.jobs_dir, settings.log_dir):
+        if not path:
+            continue
         Path(path).mkdir(parents=True, exist_ok=True)
     os.chmod(settings.run_dir, 0o700)

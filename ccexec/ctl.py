@@ -1,19 +1,35 @@
-"""`ccexecctl`: drive a running ccexecd through its Circus control endpoint."""
+"""`ccexecctl`: operate a ccexec daemon.
+
+Process-level commands (status, start, stop, restart, reload) talk to the
+Circus control endpoint in the daemon's run directory; job-level commands
+(jobs, job, cancel, run, logs --job) speak the daemon's own WebSocket
+protocol through ccexec.client. Human-readable output by default, --json
+for scripts. Exit codes: 0 ok, 1 failed or unhealthy, 3 daemon not running;
+`run` exits with its job's exit status (128+N for signal N).
+
+Shell completion (bash): eval "$(_CCEXECCTL_COMPLETE=bash_source ccexecctl)"
+"""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import click
 import psutil
 
 from ccexec import config
+from ccexec.client import Client, RPCError
 
-# Exit codes: 0 ok, 1 daemon unhealthy or a command failed, 3 daemon not running.
 EXIT_FAILED, EXIT_DOWN = 1, 3
 
 
@@ -23,12 +39,15 @@ class Daemon:
     def __init__(self, config_file: str | None, state_dir: str | None):
         ini = config.read_ini(config_file)
         config.apply_overrides(ini, state_dir=state_dir)
-        base = config.settings_from_ini(ini)
-        effective = f"{base.run_dir}/ccexec.ini"
+        self.base = config.settings_from_ini(ini)
+        self.load()
+
+    def load(self) -> None:
+        """Read the running daemon's effective config (the source one if it never ran)."""
         try:
-            self.settings = config.settings_from_ini(config.read_ini(effective))
+            self.settings = config.settings_from_ini(config.read_ini(f"{self.base.run_dir}/ccexec.ini"))
         except config.ConfigError:
-            self.settings = base  # never started: fall back to the source config
+            self.settings = self.base
         self.endpoint = self.settings.circus_endpoint
 
     def call(self, command: str, **props) -> dict:
@@ -43,9 +62,30 @@ class Daemon:
         finally:
             client.stop()
 
-    def http(self, path: str) -> tuple[int, dict]:
+    @property
+    def address(self) -> str:
         host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::") else self.settings.host
-        url = f"http://{host}:{self.settings.port}{path}"
+        return f"{host}:{self.settings.port}"
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.address}/ws"
+
+    def running(self) -> bool:
+        try:
+            self.call("dstats")
+            return True
+        except click.ClickException:
+            return False
+
+    def is_ready(self) -> bool:
+        try:
+            return self.http("/ready")[0] == 200
+        except OSError:
+            return False
+
+    def http(self, path: str) -> tuple[int, dict]:
+        url = f"http://{self.address}{path}"
         try:
             with urllib.request.urlopen(url, timeout=5) as reply:
                 return reply.status, json.loads(reply.read())
@@ -90,9 +130,11 @@ def _rss_mib(pid: int | None) -> float | None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def main(ctx: click.Context, config_file, state_dir, as_json) -> None:
-    """Control a running ccexec daemon."""
+    """Operate a ccexec daemon."""
+    daemon_args = [*(["--config", config_file] if config_file else []),
+                   *(["--state-dir", state_dir] if state_dir else [])]
     try:
-        ctx.obj = {"daemon": Daemon(config_file, state_dir), "json": as_json}
+        ctx.obj = {"daemon": Daemon(config_file, state_dir), "json": as_json, "daemon_args": daemon_args}
     except config.ConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -102,11 +144,8 @@ def main(ctx: click.Context, config_file, state_dir, as_json) -> None:
 def status(ctx: click.Context) -> None:
     """Watchers, their processes, and the daemon's health."""
     daemon: Daemon = ctx.obj["daemon"]
-    try:
-        rows = _watchers(daemon)
-    except click.ClickException as exc:
-        click.echo(f"ccexecd is not running ({exc.message})", err=True)
-        sys.exit(EXIT_DOWN)
+    require_running(daemon)
+    rows = _watchers(daemon)
     for row in rows:
         row["rss_mib"] = _rss_mib(row["pid"])
     try:
@@ -130,22 +169,390 @@ def status(ctx: click.Context) -> None:
     sys.exit(0 if healthy else EXIT_FAILED)
 
 
+
+class Spinner:
+    """A progress spinner on stderr, only when stdout is a terminal."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.active = sys.stdout.isatty()
+        self.frames = itertools.cycle("|/-\\")
+
+    def tick(self) -> None:
+        if self.active:
+            click.echo(f"\r{next(self.frames)} {self.what}", nl=False, err=True)
+
+    def done(self) -> None:
+        if self.active:
+            click.echo("\r" + " " * (len(self.what) + 2) + "\r", nl=False, err=True)
+
+
+def wait_until(predicate, timeout: float, what: str) -> bool:
+    spinner = Spinner(what)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            spinner.tick()
+            time.sleep(0.1)
+        return predicate()
+    finally:
+        spinner.done()
+
+
+def emit(ctx: click.Context, data, human) -> None:
+    """Print data as JSON with --json, else through human(data)."""
+    if ctx.obj["json"]:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        human(data)
+
+
+def require_running(daemon: Daemon) -> None:
+    if not daemon.running():
+        click.echo(f"ccexecd is not running (no answer at {daemon.endpoint})", err=True)
+        sys.exit(EXIT_DOWN)
+
+
+def with_client(daemon: Daemon, work):
+    """Run `work(client)` against the daemon over its WebSocket."""
+    async def session():
+        async with Client(daemon.url, open_timeout=5) as client:
+            return await work(client)
+    try:
+        return asyncio.run(session())
+    except OSError as exc:
+        click.echo(f"ccexecd is not reachable at {daemon.url}: {exc}", err=True)
+        sys.exit(EXIT_DOWN)
+    except RPCError as exc:
+        click.echo(f"error {exc.code}: {exc.message}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.pass_context
+def health(ctx: click.Context) -> None:
+    """Liveness and readiness (exit 0 healthy and ready, 1 not, 3 down)."""
+    daemon: Daemon = ctx.obj["daemon"]
+    try:
+        code, body = daemon.http("/health")
+        ready_code, ready = daemon.http("/ready")
+    except OSError as exc:
+        click.echo(f"ccexecd is not reachable at {daemon.address}: {exc}", err=True)
+        sys.exit(EXIT_DOWN)
+    ok = code == 200 and ready_code == 200
+
+    def human(data):
+        h = data["health"]
+        click.echo(f"{h.get('status')}, {'ready' if ok else 'not ready: ' + str(data['ready'].get('reason'))}"
+                   f" (version {h.get('version')}, up {h.get('uptime_seconds')} s,"
+                   f" {h.get('active_sessions')} sessions, {h.get('running_jobs')} running,"
+                   f" {h.get('queued_jobs')} queued)")
+    emit(ctx, {"health": body, "ready": ready}, human)
+    sys.exit(0 if ok else EXIT_FAILED)
+
+
+@main.command()
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait until it is ready.")
+@click.argument("ccexecd_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def start(ctx: click.Context, timeout: float, ccexecd_args: tuple[str, ...]) -> None:
+    """Start ccexecd in the background and wait until it is ready.
+
+    Extra arguments after `--` go to ccexecd. Its output goes to
+    <state_dir>/ccexecd.out.
+    """
+    daemon: Daemon = ctx.obj["daemon"]
+    if daemon.running():
+        click.echo("ccexecd is already running")
+        return
+    command = [str(Path(sys.executable).parent / "ccexecd"), *ctx.obj["daemon_args"], *ccexecd_args]
+    os.makedirs(daemon.settings.state_dir, exist_ok=True)
+    with open(os.path.join(daemon.settings.state_dir, "ccexecd.out"), "ab") as out:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def ready() -> bool:
+        daemon.load()  # the effective config it wrote: its real port
+        return daemon.running() and daemon.is_ready()
+    wait_until(lambda: proc.poll() is not None or ready(), timeout, "starting ccexecd")
+    if proc.poll() is not None:
+        click.echo(f"ccexecd exited with status {proc.returncode}; see {out.name}", err=True)
+        sys.exit(EXIT_FAILED)
+    if not ready():
+        click.echo(f"ccexecd (PID {proc.pid}) is not ready after {timeout:g} s", err=True)
+        sys.exit(EXIT_FAILED)
+    emit(ctx, {"pid": proc.pid, "listen": daemon.address}, lambda d: click.echo(f"started (PID {d['pid']})"))
+
+
 @main.command()
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the daemon to exit.")
 @click.pass_context
 def stop(ctx: click.Context, timeout: float) -> None:
     """Stop the daemon and every job it runs."""
     daemon: Daemon = ctx.obj["daemon"]
-    try:
-        pid = daemon.call("dstats").get("info", {}).get("pid")
-        daemon.call("quit", waiting=False)
-    except click.ClickException as exc:
-        click.echo(f"ccexecd is not running ({exc.message})", err=True)
-        sys.exit(EXIT_DOWN)
-    deadline = time.monotonic() + timeout
-    while pid and _running(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if pid and _running(pid):
+    require_running(daemon)
+    pid = daemon.call("dstats").get("info", {}).get("pid")
+    daemon.call("quit", waiting=False)
+    if not wait_until(lambda: not (pid and _running(pid)), timeout, "stopping ccexecd"):
         click.echo(f"ccexecd (PID {pid}) did not exit within {timeout:g} s", err=True)
         sys.exit(EXIT_FAILED)
-    click.echo("stopped")
+    emit(ctx, {"stopped": pid}, lambda d: click.echo("stopped"))
+
+
+@main.command()
+@click.option("--graceful", is_flag=True,
+              help="Roll: new handlers first, then the old ones; restart the broker; executors "
+                   "and their running jobs are left alone.")
+@click.option("--watcher", type=click.Choice(config.WATCHERS), help="Restart only this watcher.")
+@click.option("--timeout", default=60.0, show_default=True)
+@click.pass_context
+def restart(ctx: click.Context, graceful: bool, watcher: str | None, timeout: float) -> None:
+    """Restart the daemon's processes.
+
+    Plain: every watcher is stopped and started again; executors end their
+    running jobs on the way (reason "canceled"). --graceful never refuses a
+    connection and never touches a running job: clients of the old handlers
+    are closed with 1012 and reconnect (the Python client resumes by itself).
+    """
+    daemon: Daemon = ctx.obj["daemon"]
+    require_running(daemon)
+    before = {row["pid"] for row in _watchers(daemon) if row["pid"]}
+    if graceful:
+        for name in [watcher] if watcher else ["handler", "broker"]:
+            if name == "handler":
+                daemon.call("reload", name=name, graceful=True, sequential=True, waiting=True)
+            else:
+                daemon.call("restart", name=name, waiting=True)
+    else:
+        for name in [watcher] if watcher else config.WATCHERS:
+            daemon.call("restart", name=name, waiting=True)
+    ok = wait_until(daemon.is_ready, timeout, "waiting for ready")
+    after = {row["pid"] for row in _watchers(daemon) if row["pid"]}
+    emit(ctx, {"replaced": sorted(before - after), "started": sorted(after - before), "ready": ok},
+         lambda d: click.echo(f"restarted: {len(d['replaced'])} processes replaced"
+                              f"{'' if d['ready'] else ', but the daemon is not ready'}"))
+    sys.exit(0 if ok else EXIT_FAILED)
+
+
+@main.command()
+@click.pass_context
+def reload(ctx: click.Context) -> None:
+    """Re-read the config ccexecd was started with; pool sizes change live.
+
+    Circus sections (watchers' numprocesses, plugins) apply at once; [ccexec]
+    settings reach each process when it next starts (restart --graceful).
+    """
+    from ccexec.arbiter import reload_config
+
+    daemon: Daemon = ctx.obj["daemon"]
+    require_running(daemon)
+    try:
+        fresh = reload_config(daemon.settings)
+    except (OSError, config.ConfigError) as exc:
+        click.echo(f"cannot reload: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    answer = daemon.call("reloadconfig", waiting=True)
+    if answer.get("status") != "ok":
+        click.echo(f"Circus refused the new config: {answer.get('reason')}", err=True)
+        sys.exit(EXIT_FAILED)
+    emit(ctx, {"handlers": fresh.handlers, "executors": fresh.executors},
+         lambda d: click.echo(f"reloaded: {d['handlers']} handlers, {d['executors']} executors"))
+
+
+JOB_COLUMNS = ("job_id", "state", "exit_code", "reason", "created_at", "command")
+
+
+def _age(timestamp: float | None) -> str:
+    if not timestamp:
+        return "-"
+    seconds = max(0, time.time() - timestamp)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _duration(text: str) -> float:
+    """'90', '90s', '15m', '2h', '1d' in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise click.BadParameter(f"not a duration: {text!r} (e.g. 90s, 15m, 2h, 1d)") from None
+
+
+@main.command()
+@click.option("--state", type=click.Choice(["running", "queued", "finished"]))
+@click.option("--since", help="Only jobs created within this long (90s, 15m, 2h, 1d).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.pass_context
+def jobs(ctx: click.Context, state: str | None, since: str | None, limit: int) -> None:
+    """List jobs, newest first."""
+    daemon: Daemon = ctx.obj["daemon"]
+    records = with_client(daemon, lambda client: client.jobs(state=state, limit=limit))
+    if since:
+        oldest = time.time() - _duration(since)
+        records = [r for r in records if (r["created_at"] or 0) >= oldest]
+
+    def human(rows):
+        click.echo(f"{'JOB ID':<32}  {'STATE':<8} {'EXIT':>5} {'REASON':<9} {'AGE':>5}  COMMAND")
+        for r in rows:
+            exit_code = "-" if r["exit_code"] is None else r["exit_code"]
+            click.echo(f"{r['job_id']:<32}  {r['state']:<8} {exit_code:>5} {r['reason'] or '-':<9} "
+                       f"{_age(r['created_at']):>5}  {(r['name'] + ': ') if r.get('name') else ''}"
+                       f"{(r['command'] or '')[:60]}")
+    emit(ctx, records, human)
+
+
+@main.command()
+@click.argument("job_id")
+@click.pass_context
+def job(ctx: click.Context, job_id: str) -> None:
+    """Describe one job."""
+    record = with_client(ctx.obj["daemon"], lambda client: client.job_status(job_id))
+    emit(ctx, record, lambda r: [click.echo(f"{k:>13}: {v}") for k, v in r.items()])
+
+
+@main.command()
+@click.argument("job_id")
+@click.pass_context
+def cancel(ctx: click.Context, job_id: str) -> None:
+    """Cancel a job (SIGTERM to its process group, SIGKILL after the grace)."""
+    async def work(client: Client):
+        job = await client.attach(job_id, *await _ends(client, job_id))
+        if job.status == "finished":
+            return {"job_id": job_id, "canceled": False, "state": "finished"}
+        await job.control("CANCEL")
+        result = await job.wait(60)
+        return {"job_id": job_id, "canceled": True, "reason": result.reason, "exit_code": result.exit_code}
+    outcome = with_client(ctx.obj["daemon"], work)
+    emit(ctx, outcome, lambda o: click.echo(
+        f"canceled (exit {o['exit_code']})" if o["canceled"] else "already finished"))
+    sys.exit(0 if outcome["canceled"] else EXIT_FAILED)
+
+
+async def _ends(client: Client, job_id: str) -> tuple[int, int]:
+    """Offsets at the current end of a job's output: attach without replay."""
+    record = await client.job_status(job_id)
+    return record["stdout_bytes"] or 0, record["stderr_bytes"] or 0
+
+
+def _exit_status(exit_code: int) -> int:
+    return exit_code if exit_code >= 0 else 128 - exit_code
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--detach", is_flag=True, help="Start the job, print its id and return; it outlives this command.")
+@click.option("--cwd", help="Working directory of the job.")
+@click.option("--timeout", type=float, help="Wall-clock limit of the job, seconds.")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def run(ctx: click.Context, detach: bool, cwd: str | None, timeout: float | None, argv: tuple[str, ...]) -> None:
+    """Run `-- CMD ARGS...` as a job, stream its output, exit with its status.
+
+    Ctrl-C cancels the job.
+    """
+    params = {k: v for k, v in {"cwd": cwd, "timeout": timeout}.items() if v is not None}
+
+    async def work(client: Client):
+        job = await client.execute(argv=list(argv), detach=detach, **params)
+        if detach:
+            return {"job_id": job.job_id, "pid": job.pid}
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(job.control("CANCEL")))
+        return await _print_events(job)
+
+    outcome = with_client(ctx.obj["daemon"], work)
+    if detach:
+        emit(ctx, outcome, lambda o: click.echo(o["job_id"]))
+        return
+    if ctx.obj["json"]:
+        click.echo(json.dumps(outcome), err=True)
+    sys.exit(_exit_status(outcome["exit_code"]))
+
+
+@main.command()
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines as they come.")
+@click.option("--watcher", type=click.Choice([*config.WATCHERS, "arbiter"]), help="Only this process kind's log.")
+@click.option("--job", "job_id", help="A job's output (from its journal) instead of the daemon's log.")
+@click.option("-n", "--lines", default=50, show_default=True, help="Lines of each log to show first.")
+@click.pass_context
+def logs(ctx: click.Context, follow: bool, watcher: str | None, job_id: str | None, lines: int) -> None:
+    """Show (and follow) the daemon's logs, or a job's output."""
+    daemon: Daemon = ctx.obj["daemon"]
+    if job_id:
+        _job_output(daemon, job_id, follow)
+        return
+    if not daemon.settings.log_dir:
+        click.echo("this daemon logs to stderr only (journald under systemd: journalctl -u ccexec -f);"
+                   " set [ccexec] log_dir to keep log files", err=True)
+        sys.exit(EXIT_FAILED)
+    names = [watcher] if watcher else ["arbiter", *config.WATCHERS]
+    _follow_files([os.path.join(daemon.settings.log_dir, f"{n}.log") for n in names], lines, follow)
+
+
+def _job_output(daemon: Daemon, job_id: str, follow: bool) -> None:
+    with_client(daemon, lambda client: client.job_status(job_id))  # exit 1 if there is no such job
+    if not follow:
+        _print_journal(daemon, job_id)
+        return
+
+    async def work(client: Client):
+        await _print_events(await client.attach(job_id))
+    with_client(daemon, work)
+
+
+async def _print_events(job) -> dict:
+    """Write a job's output to stdout/stderr as it comes; its completed params."""
+    async for event in job.events():
+        if event["method"] == "process.output":
+            stream = sys.stdout if event["params"]["type"] == "stdout" else sys.stderr
+            stream.write(event["params"]["data"])
+            stream.flush()
+    return job.completed
+
+
+def _print_journal(daemon: Daemon, job_id: str) -> None:
+    from ccexec.journal import job_dir
+
+    for stream, out in (("stdout", sys.stdout.buffer), ("stderr", sys.stderr.buffer)):
+        try:
+            with open(os.path.join(job_dir(daemon.settings.jobs_dir, job_id), stream), "rb") as f:
+                out.write(f.read())
+        except (OSError, ValueError):
+            pass
+        out.flush()
+
+
+def _follow_files(paths: list[str], lines: int, follow: bool) -> None:
+    """tail -n, then (with follow) tail -F over several files, rotation included."""
+    positions: dict[str, tuple[int, int]] = {}  # path -> (inode, offset)
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                tail = f.read().splitlines(keepends=True)[-lines:] if lines else []
+                sys.stdout.write(b"".join(tail).decode(errors="replace"))
+                positions[path] = (os.fstat(f.fileno()).st_ino, f.tell())
+        except FileNotFoundError:
+            positions[path] = (0, 0)
+    sys.stdout.flush()
+    while follow:
+        for path in paths:
+            inode, offset = positions[path]
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if stat.st_ino != inode or stat.st_size < offset:  # rotated or truncated
+                inode, offset = stat.st_ino, 0
+            if stat.st_size > offset:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    data = f.read()
+                sys.stdout.write(data.decode(errors="replace"))
+                sys.stdout.flush()
+                offset += len(data)
+            positions[path] = (inode, offset)
+        time.sleep(0.2)

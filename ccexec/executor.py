@@ -21,7 +21,7 @@ import psutil
 import zmq
 import zmq.asyncio
 
-from ccexec import bus, config, logs, stall
+from ccexec import bus, claude, config, logs, stall
 from ccexec.journal import JournalWriter
 from ccexec.liveness import WatchdogPulse
 
@@ -30,6 +30,7 @@ log = logging.getLogger("ccexec.executor")
 READ_SIZE = 65536
 EXIT_DRAIN = 1.0  # seconds to wait for pipes after the job's leader exited
 INTERNAL_ENV_PREFIXES = ("CCEXEC_", "CIRCUS")
+CLAUDE_OFFLOAD_BYTES = 1 << 20  # a stdout line this long is parsed off the event loop
 
 
 @dataclass
@@ -43,6 +44,8 @@ class RunningJob:
     ended_error: str | None = None
     paused: bool = False
     output_bytes: int = 0  # read from its pipes so far
+    claude_reader: claude.ClaudeReader | None = None  # a Claude job's stdout events
+    quiet_until: float = 0.0  # loop time before which silence is no stall (a CLI retry wait)
 
     def describe(self) -> dict:
         return {"job_id": self.job_id, "pid": self.pid, "pgid": self.pid,
@@ -156,7 +159,7 @@ class Executor:
         return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
 
     async def run_job(self, job_id: str, spec: dict) -> None:
-        job = RunningJob(job_id, spec)
+        job = RunningJob(job_id, spec, claude_reader=claude.ClaudeReader() if claude.is_claude_job(spec) else None)
         self.jobs[job_id] = job
         journal = await self.in_thread(JournalWriter, self.settings.jobs_dir, job_id)
         exit_code, reason, error = await self.execute(job, journal)
@@ -167,6 +170,9 @@ class Executor:
             "reason": reason, "error": error, "execution_time": time.time() - job.started_at,
             "stdout_bytes": journal.sizes["stdout"], "stderr_bytes": journal.sizes["stderr"],
         }
+        if job.claude_reader is not None:
+            completed["claude"] = job.claude_reader.summary()
+            completed["error"] = error or job.claude_reader.error()
         self.unacked[job_id] = completed
         await self.send(bus.COMPLETED, completed)
 
@@ -222,7 +228,8 @@ class Executor:
         try:
             while job.ended_by is None:
                 sample = await self.in_thread(stall.sample_tree, job.pid)
-                if job.paused or sample is None:  # paused on request, or already exiting
+                if job.paused or sample is None or loop.time() < job.quiet_until:
+                    # paused on request, already exiting, or a Claude CLI waiting to retry the API
                     watch.restart(loop.time())
                 elif watch.observe(sample, job.output_bytes, loop.time()) and job.ended_by is None:
                     await self.end_job(job, "stalled", f"no output, CPU or I/O for {stall_timeout:g} s")
@@ -254,10 +261,34 @@ class Executor:
         while True:
             data = await reader.read(READ_SIZE)
             if not data:
+                if stream == "stdout" and job.claude_reader is not None:
+                    await self.claude_events(job, None)
                 return
             job.output_bytes += len(data)
             offset = await self.in_thread(journal.append, stream, data)
             self.try_send(bus.OUTPUT, {"job_id": job.job_id, "stream": stream, "offset": offset}, data)
+            if stream == "stdout" and job.claude_reader is not None:
+                await self.claude_events(job, data)
+
+    async def claude_events(self, job: RunningJob, data: bytes | None) -> None:
+        """Read a Claude job's stdout (None: its end) and send what it tells, after the output."""
+        reader = job.claude_reader
+        try:
+            if data is None:
+                notices = reader.finish()
+            elif reader.buffered + len(data) >= CLAUDE_OFFLOAD_BYTES:  # a long line: parse it in a thread
+                notices = await self.in_thread(reader.feed, data)
+            else:
+                notices = reader.feed(data)
+        except Exception as exc:  # a reader bug must not take the job down
+            logs.event(log, "executor.claude_reader_failed", logging.WARNING, job_id=job.job_id, error=exc)
+            job.claude_reader = None
+            return
+        for notice in notices:
+            if notice.quiet_for is not None:
+                job.quiet_until = max(job.quiet_until, asyncio.get_running_loop().time() + notice.quiet_for)
+            await self.send(bus.CLAUDE_EVENT, {"job_id": job.job_id, "stdout_end": notice.stdout_end,
+                                               "method": notice.method, "params": notice.params})
 
     @staticmethod
     async def feed_stdin(proc: asyncio.subprocess.Process, text: str) -> None:

@@ -37,6 +37,9 @@ log = logging.getLogger("ccexec.handler")
 
 WS_PATHS = ("/ws", "/ws/mcp")
 INLINE_LIMIT = 4 << 20  # bytes of live output held per stream before the journal takes over
+HANDSHAKE_GRACE = 0.5  # seconds a stopping handler gives handshakes it accepted to complete
+CLOSE_TIMEOUT = 3.0
+CLOSE_SERVICE_RESTART = 1012
 BROKER_TIMEOUT = 10.0  # seconds to wait for the broker (and executor) to answer a request
 CHUNK_FLUSH_DELAY = 0.05  # seconds of quiet before "chunks" mode sends a partial line
 HOOK_STATUS = {"enabled": False, "hooks_configured": []}
@@ -84,6 +87,7 @@ class JobStream:
         self.notices: deque[str] = deque()
         self.streams = {s: StreamState(mode, o) for s, o in zip(STREAMS, offsets)}
         self.final: dict | None = None
+        self.claude: deque[tuple[int, str]] = deque()  # (stdout_end, message): held until stdout is sent that far
         self.finished = False
         self.last_output = time.monotonic()
         self.wake = asyncio.Event()
@@ -127,6 +131,14 @@ class JobStream:
         self.notices.append(protocol.process_state(status, self.job_id, self.pid, self.pgid))
         self.wake.set()
 
+    def on_claude(self, header: dict) -> None:
+        """A Claude job's event: sent once the output of its line is (never before)."""
+        end = int(header["stdout_end"])
+        self.claude.append((end, protocol.claude_notification(header["method"], self.job_id, header["params"])))
+        stdout = self.streams["stdout"]
+        stdout.known = max(stdout.known, end)  # the executor journaled the line before telling
+        self.wake.set()
+
     def on_completed(self, header: dict) -> None:
         self.respond("rejected" if header.get("reason") == "rejected" else "started")
         self.final = header
@@ -145,6 +157,7 @@ class JobStream:
                     continue
                 for stream in STREAMS:
                     await self.deliver(stream)
+                await self.send_claude()
                 if self.final is not None:
                     await self.complete()
             while self.notices:  # a rejection's error response
@@ -195,13 +208,20 @@ class JobStream:
             for piece in state.splitter.finish():
                 await self.session.send(protocol.process_output(self.job_id, stream, piece))
             sizes[stream] = state.delivered
+        await self.send_claude(everything=True)
         while self.notices:
             await self.session.send(self.notices.popleft())
         await self.session.send(protocol.process_completed(
             self.job_id, final.get("pid"), final.get("pgid"), int(final.get("exit_code", -1)),
             final.get("reason", "exit"), final.get("error"), float(final.get("execution_time") or 0.0),
-            sizes["stdout"], sizes["stderr"]))
+            sizes["stdout"], sizes["stderr"], claude=final.get("claude")))
         self.finished = True
+
+    async def send_claude(self, everything: bool = False) -> None:
+        """Send the held Claude events whose lines' output went out (all of them at the end)."""
+        sent_to = self.streams["stdout"].splitter.offset
+        while self.claude and (everything or self.claude[0][0] <= sent_to):
+            await self.session.send(self.claude.popleft()[1])
 
     def silent_for(self) -> float:
         return time.monotonic() - self.last_output
@@ -450,6 +470,8 @@ class Handler:
             job.on_output(header["stream"], int(header["offset"]), payload[0])
         elif kind == bus.STARTED:
             job.on_started(header)
+        elif kind == bus.CLAUDE_EVENT:
+            job.on_claude(header)
         elif kind == bus.QUEUED:
             job.on_queued(header)
         elif kind == bus.COMPLETED:
@@ -493,8 +515,10 @@ class Handler:
             status = http.HTTPStatus.OK if ready else http.HTTPStatus.SERVICE_UNAVAILABLE
             return json_response(status, {"status": "ready" if ready else "not_ready", "reason": reason,
                                           "executors_ready": self.stats.get("executors_ready", 0)})
-        if path == "/metrics":
-            body = metrics.render(self.stats, len(self.sessions))
+        if path == "/metrics":  # the broker's exposition of the whole pool, as of its last heartbeat
+            if "metrics" not in self.stats:
+                return json_response(http.HTTPStatus.SERVICE_UNAVAILABLE, {"error": "broker unreachable"})
+            body = self.stats["metrics"].encode()
             return HttpResponse(200, "OK", Headers([("Content-Type", metrics.CONTENT_TYPE),
                                                     ("Content-Length", str(len(body)))]), body)
         return json_response(http.HTTPStatus.NOT_FOUND, {"error": "not found", "path": path,
@@ -539,6 +563,18 @@ class Handler:
             for job in list(session.jobs.values()):
                 job.pump_task.cancel()
 
+    async def hand_over(self, server) -> None:
+        """Stop gracefully: accept nothing more (the other handlers, sharing the
+        socket, take new connections), let handshakes in flight complete, then
+        close every connection with 1012 so clients reconnect and attach."""
+        server.close(close_connections=False)
+        logs.event(log, "handler.stopping", pid=os.getpid(), connections=len(self.sessions))
+        await asyncio.sleep(HANDSHAKE_GRACE)
+        closing = [asyncio.ensure_future(s.ws.close(CLOSE_SERVICE_RESTART, "service restart"))
+                   for s in list(self.sessions)]
+        if closing:
+            await asyncio.wait(closing, timeout=CLOSE_TIMEOUT)
+
     async def run(self, fd: int) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -555,7 +591,7 @@ class Handler:
                          server_header=f"ccexec/{__version__}") as server:
             logs.event(log, "handler.started", pid=os.getpid())
             await self.stopping.wait()
-            server.close(close_connections=True)
+            await self.hand_over(server)
         for task in background:
             task.cancel()
         self.broker.close(linger=0)

@@ -7,17 +7,24 @@ Lines read `ccexec.ROLE[PID] LEVEL event key=value ...`. Under systemd
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import sys
 
 
-def setup(role: str, level: str = "info") -> logging.Logger:
+def setup(role: str, level: str = "info", file: str | None = None, max_bytes: int = 0,
+          backups: int = 0) -> logging.Logger:
+    line = f"ccexec.{role}[%(process)d] %(levelname)s %(message)s"
     stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        f"{stamp}ccexec.{role}[%(process)d] %(levelname)s %(message)s"))
+    handler.setFormatter(logging.Formatter(stamp + line))
+    handlers: list[logging.Handler] = [handler]
+    if file:
+        rotating = logging.handlers.RotatingFileHandler(file, maxBytes=max_bytes, backupCount=backups)
+        rotating.setFormatter(logging.Formatter("%(asctime)s " + line))
+        handlers.append(rotating)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
     root.setLevel(level.upper())
     # websockets logs every HTTP response and close at INFO: noise here.
     logging.getLogger("websockets").setLevel(max(logging.WARNING, root.level))

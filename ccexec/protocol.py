@@ -37,7 +37,7 @@ CONTROL_TYPES = {"PAUSE": "paused", "RESUME": "resumed", "CANCEL": "canceled"}
 JOB_STATES = ("running", "queued", "finished")
 CAPABILITIES = [
     "execute", "control", "stream", "heartbeat", "queue", "chunks",
-    "argv", "stdin", "ping", "hook_status", "attach", "jobs",
+    "argv", "stdin", "ping", "hook_status", "attach", "jobs", "claude",
 ]
 
 
@@ -78,14 +78,18 @@ class ExecuteSpec:
     parallel: bool = False
     stream_mode: str = "lines"
     name: str | None = None
+    claude: bool = False  # true: a Claude job whatever its command (false: detection decides)
 
     def to_dict(self) -> dict:
-        return {
+        spec = {
             "command": self.command, "argv": list(self.argv) if self.argv else None,
             "cwd": self.cwd, "env": dict(self.env), "stdin": self.stdin,
             "timeout": self.timeout, "stall_timeout": self.stall_timeout,
             "detach": self.detach, "stream_mode": self.stream_mode, "name": self.name,
         }
+        if self.claude:
+            spec["claude"] = True
+        return spec
 
 
 @dataclass(frozen=True)
@@ -152,14 +156,27 @@ def process_output(job_id: str, stream: str, piece: "Piece") -> str:
 
 def process_completed(job_id: str, pid: int | None, pgid: int | None, exit_code: int,
                       reason: str, error: str | None, execution_time: float,
-                      stdout_bytes: int, stderr_bytes: int) -> str:
-    return notification("process.completed", {
+                      stdout_bytes: int, stderr_bytes: int, claude: dict | None = None) -> str:
+    params = {
         "status": "completed" if exit_code == 0 else "failed",
         "pid": pid, "pgid": pgid, "exit_code": exit_code, "error": error,
         "job_id": job_id, "reason": reason,
         "execution_time": round(execution_time, 6),
         "stdout_bytes": stdout_bytes, "stderr_bytes": stderr_bytes,
-    })
+    }
+    if claude is not None:  # Claude jobs only: the run's summary
+        params["claude"] = claude
+    return notification("process.completed", params)
+
+
+CLAUDE_METHODS = ("claude.event", "error.rate_limit_exceeded", "error.token_limit_exceeded")
+
+
+def claude_notification(method: str, job_id: str, params: dict) -> str:
+    """A Claude job's `claude.event` or rate/token limit notification."""
+    if method not in CLAUDE_METHODS:
+        raise ValueError(f"not a Claude notification: {method!r}")
+    return notification(method, {**params, "job_id": job_id})
 
 
 def heartbeat(timestamp: float, jobs: list[tuple[str, float]]) -> str:
@@ -287,6 +304,7 @@ def parse_execute(request: Request) -> ExecuteSpec:
         stall_timeout=_seconds(request, "stall_timeout", allow_zero=True),
         detach=_flag(request, "detach"), parallel=_flag(request, "parallel"),
         stream_mode=stream_mode, name=_optional_str(request, "name"),
+        claude=_flag(request, "claude"),
     )
 
 

@@ -50,4 +50,13 @@ async def test_real_cli_without_credentials_fails_whole_and_in_order(make_daemon
     assert init["apiKeySource"] == "none"  # the daemon's ANTHROPIC_API_KEY was withheld
     assert result["is_error"] is True and "Not logged in" in result["result"]
     assert completed["stdout_bytes"] == sum(o["size"] for o in outputs)
+    # Read as a Claude job: its events, and the failure in completed even without parsing output.
+    events = [m["params"] for m in wire.of_job(completed["job_id"]) if m.get("method") == "claude.event"]
+    assert [e["kind"] for e in events] == ["init", "result"]
+    assert events[0]["session_id"] == init["session_id"] and events[0]["tools_count"] == len(init["tools"])
+    assert (events[1]["is_error"], events[1]["result"], events[1]["offset"]) == (True, result["result"], outputs[2]["offset"])
+    assert completed["claude"] == {"session_id": init["session_id"], "is_error": True, "result": result["result"],
+                                   "total_cost_usd": result["total_cost_usd"], "duration_ms": result["duration_ms"],
+                                   "num_turns": result["num_turns"]}
+    assert completed["error"] == result["result"] and "Not logged in" in completed["error"]
     await wire.close()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
 import sys
 import time
 
+import psutil
 import pytest
 
 from ccexec.client import Client, RPCError
@@ -129,15 +131,23 @@ def _serves(pid: int, client: Client) -> bool:
 
 
 @async_test(60)
-async def test_client_gives_up_after_its_retry_policy(make_daemon):
+async def test_client_gives_up_after_its_retry_policy(tmp_path):
+    """With the whole daemon gone (kill -9 of every process), resuming fails
+    within the retry policy and the job's waiter is told, not left hanging."""
     from ccexec.client import ConnectionLost, RetryPolicy
-    d = make_daemon()
-    client = Client(d.url, retry=RetryPolicy(attempts=3, first_delay=0.05, max_delay=0.1))
-    await client.connect()
-    job = await client.execute("sleep 30")
-    assert d.stop() == 0
-    started = time.monotonic()
-    with pytest.raises(ConnectionLost):
-        await job.wait(30)
-    assert time.monotonic() - started < 10
-    await client.close()
+    from support import Daemon
+    d = Daemon(tmp_path)
+    try:
+        await asyncio.to_thread(d.start)
+        client = Client(d.url, retry=RetryPolicy(attempts=3, first_delay=0.05, max_delay=0.1))
+        await client.connect()
+        job = await client.execute("sleep 30")
+        for proc in [psutil.Process(d.proc.pid), *d.processes()]:
+            proc.kill()  # only this test's daemon and its job
+        started = time.monotonic()
+        with pytest.raises(ConnectionLost):
+            await job.wait(30)
+        assert time.monotonic() - started < 10
+        await client.close()
+    finally:
+        d.cleanup()

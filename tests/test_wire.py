@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -30,11 +31,40 @@ def test_ready_when_broker_and_an_executor_answer(daemon):
     assert status == 200 and json.loads(body)["status"] == "ready"
 
 
-def test_metrics_is_prometheus_exposition(daemon):
-    status, body, headers = http_get(daemon.port, "/metrics")
+def _metrics(port: int) -> dict:
+    status, body, headers = http_get(port, "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
-    names = {family.name for family in text_string_to_metric_families(body.decode())}
-    assert {"ccexec_jobs", "ccexec_jobs_running", "ccexec_jobs_queued", "ccexec_connections"} <= names
+    return {family.name: family for family in text_string_to_metric_families(body.decode())}
+
+
+def _sample(families: dict, family: str, name: str, **labels) -> float:
+    return sum(s.value for s in families[family].samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+@async_test()
+async def test_metrics_count_the_whole_pool_in_prometheus_exposition(make_daemon):
+    import os
+    import signal
+    from support import wait_for
+    d = make_daemon()
+    wire = await Wire.open(d.url)
+    for command in ("echo one", "exit 3", "printf 12345 >&2"):
+        await wire.run(command=command)
+    os.kill(d.role_pids("executor")[0], signal.SIGKILL)
+
+    def settled():  # handlers report connections and Circus its reaps within a heartbeat or two
+        f = _metrics(d.port)
+        restarts = _sample(f, "ccexec_watcher_restarts", "ccexec_watcher_restarts_total", watcher="executor")
+        return f if restarts >= 1 and _sample(f, "ccexec_connections", "ccexec_connections") == 1 else None
+    families = await asyncio.to_thread(wait_for, settled, 15, 0.2, "the executor's restart and this connection")
+    assert _sample(families, "ccexec_jobs", "ccexec_jobs_total", reason="exit") == 3
+    assert _sample(families, "ccexec_job_run_seconds", "ccexec_job_run_seconds_count") == 3
+    assert _sample(families, "ccexec_job_queue_wait_seconds", "ccexec_job_queue_wait_seconds_count") == 3
+    assert _sample(families, "ccexec_output_bytes", "ccexec_output_bytes_total", stream="stdout") == 4
+    assert _sample(families, "ccexec_output_bytes", "ccexec_output_bytes_total", stream="stderr") == 5
+    assert _sample(families, "ccexec_capacity", "ccexec_capacity") >= 8
+    await wire.close()
 
 
 def test_unknown_http_path_is_404(daemon):

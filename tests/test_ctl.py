@@ -1,0 +1,195 @@
+"""ccexecctl, driven as a subprocess against real daemons."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import websockets
+
+from ccexec.client import Client
+from support import Daemon, async_test, marked_processes, wait_for
+
+CTL = str(Path(sys.executable).parent / "ccexecctl")
+TICKER = (f"{sys.executable} -c \"import sys, time\nfor i in range(120):\n"
+          "    print(f'tick {i:04d}', flush=True); time.sleep(0.05)\"")
+TICKER_OUTPUT = "".join(f"tick {i:04d}\n" for i in range(120))
+
+
+def ctl(daemon: Daemon, *args: str, timeout: float = 90, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([CTL, "--state-dir", str(daemon.state_dir), *args], capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    """A daemon that also keeps log files."""
+    from conftest import _finish
+    tmp = tmp_path_factory.mktemp("logged")
+    d = Daemon(tmp, settings={"log_dir": str(tmp / "logs")}).start()
+    yield d
+    _finish(d)
+
+
+def test_health_and_status_in_both_formats(logged):
+    health = ctl(logged, "health")
+    assert health.returncode == 0 and health.stdout.startswith("healthy, ready")
+    status = json.loads(ctl(logged, "--json", "status").stdout)
+    assert {r["watcher"] for r in status["processes"]} >= {"broker", "executor", "handler"}
+    assert all(r["pid"] and r["rss_mib"] > 0 for r in status["processes"])
+    assert status["health"]["service"] == "ccexec" and status["ready"]["status"] == "ready"
+
+
+def test_run_streams_output_and_exits_with_the_jobs_status(logged):
+    done = ctl(logged, "run", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (done.returncode, done.stdout, done.stderr) == (7, "out\n", "err\n")
+    killed = ctl(logged, "run", "--", "sh", "-c", "kill -TERM $$")
+    assert killed.returncode == 128 + signal.SIGTERM
+
+
+def test_run_ctrl_c_cancels_the_job(logged, tmp_path):
+    marker = tmp_path / "started"
+    proc = subprocess.Popen([CTL, "--state-dir", str(logged.state_dir), "run", "--", "sh", "-c",
+                             f"touch {marker}; sleep 60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(marker.exists, 20, what="the job to start")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_detached_run_then_jobs_job_logs_and_cancel(logged):
+    job_id = ctl(logged, "run", "--detach", "--", "sh", "-c", "echo begun; sleep 60").stdout.strip()
+    assert len(job_id) == 32
+    wait_for(lambda: ctl(logged, "logs", "--job", job_id).stdout == "begun\n", 20, 0.2, "the job's output")
+    running = json.loads(ctl(logged, "--json", "jobs", "--state", "running").stdout)
+    assert [r["job_id"] for r in running] == [job_id]
+    table = ctl(logged, "jobs", "--since", "5m").stdout
+    assert table.splitlines()[0].split()[:3] == ["JOB", "ID", "STATE"] and job_id in table
+    assert json.loads(ctl(logged, "--json", "job", job_id).stdout)["state"] == "running"
+    canceled = ctl(logged, "cancel", job_id)
+    assert canceled.returncode == 0 and canceled.stdout.startswith("canceled")
+    record = json.loads(ctl(logged, "--json", "job", job_id).stdout)
+    assert (record["state"], record["reason"]) == ("finished", "canceled")
+    assert ctl(logged, "cancel", job_id).returncode == 1  # already finished
+    assert ctl(logged, "job", "0" * 32).returncode == 1
+
+
+def test_logs_follow_shows_new_events_of_one_watcher(logged):
+    # -n 1000: lines written before it opened the file are shown too, so there is no race.
+    follower = subprocess.Popen([CTL, "--state-dir", str(logged.state_dir), "logs", "-f", "--watcher", "broker",
+                                 "-n", "1000"], stdout=subprocess.PIPE, text=True)
+    try:
+        job_id = ctl(logged, "run", "--detach", "--", "true").stdout.strip()
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: [lines.append(l) for l in follower.stdout], daemon=True)
+        reader.start()
+        wait_for(lambda: any(f"job.finished job_id={job_id}" in l for l in lines), 20, 0.1, "the followed line")
+        assert all("ccexec.broker[" in l for l in lines)
+    finally:
+        follower.terminate()
+        follower.wait(10)
+
+
+def test_logs_without_log_files_says_where_they_are(daemon):
+    missing = ctl(daemon, "logs")
+    assert missing.returncode == 1 and "journalctl" in missing.stderr
+
+
+def test_commands_say_when_no_daemon_runs(tmp_path):
+    for args in (["status"], ["stop"], ["health"]):
+        result = subprocess.run([CTL, "--state-dir", str(tmp_path / "none"), *args], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 3, (args, result.stderr)
+
+
+def test_start_daemonizes_and_stop_stops(tmp_path):
+    d = Daemon(tmp_path)  # only for its paths, port and marker; ccexecctl starts it
+    try:
+        started = subprocess.run([CTL, "--config", str(d.config), "--state-dir", str(d.state_dir), "--json",
+                                  "start", "--", "--port", str(d.port)], capture_output=True, text=True,
+                                 timeout=60, env=d.env)
+        assert started.returncode == 0, started.stderr
+        pid = json.loads(started.stdout)["pid"]
+        assert d.health()["status"] == "healthy"
+        assert "already running" in ctl(d, "start").stdout
+        assert ctl(d, "stop").returncode == 0
+        wait_for(lambda: not marked_processes(d.mark), 20, 0.2, "everything to exit")
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    finally:
+        for proc in marked_processes(d.mark):
+            proc.kill()
+
+
+def test_reload_changes_pool_sizes_live(make_daemon):
+    d = make_daemon(handlers=2)
+    d.config.write_text(d.config.read_text().replace("numprocesses = 2\npriority = 10",
+                                                     "numprocesses = 3\npriority = 10"))
+    # ccexecd was started with --handlers 2, which wins over the file: start from the file alone.
+    launch = json.loads((d.state_dir / "run" / "launch.json").read_text())
+    launch["overrides"].pop("handlers")
+    (d.state_dir / "run" / "launch.json").write_text(json.dumps(launch))
+    reloaded = ctl(d, "reload")
+    assert reloaded.returncode == 0, reloaded.stderr
+    wait_for(lambda: len(d.role_pids("handler")) == 3, 20, 0.2, "a third handler")
+    assert d.ready()
+
+
+def test_plain_restart_replaces_every_process_and_cancels_running_jobs(make_daemon):
+    d = make_daemon()
+    before = set(d.role_pids("handler") + d.role_pids("broker") + d.role_pids("executor"))
+    job_id = ctl(d, "run", "--detach", "--", "sleep", "60").stdout.strip()
+    restarted = ctl(d, "restart")
+    assert restarted.returncode == 0, restarted.stderr
+    after = set(d.role_pids("handler") + d.role_pids("broker") + d.role_pids("executor"))
+    assert not before & after
+    record = wait_for(lambda: (lambda r: r if r["state"] == "finished" else None)(
+        json.loads(ctl(d, "--json", "job", job_id).stdout)), 30, 0.3, "the job's record")
+    assert record["reason"] in ("canceled", "lost")
+
+
+@async_test(120)
+async def test_graceful_restart_during_streaming_jobs_refuses_nobody_loses_nothing(make_daemon):
+    d = make_daemon()
+    old_handlers = d.role_pids("handler")
+    [old_broker] = d.role_pids("broker")
+    failures, probes = [], []
+    stop = asyncio.Event()
+
+    async def probe() -> None:
+        while not stop.is_set():
+            try:
+                async with websockets.connect(d.url, open_timeout=5) as ws:
+                    assert json.loads(await asyncio.wait_for(ws.recv(), 5))["method"] == "connected"
+                probes.append(time.monotonic())
+            except Exception as exc:  # any failed handshake counts
+                failures.append(repr(exc))
+            await asyncio.sleep(0.05)
+
+    async with Client(d.url) as a, Client(d.url) as b, Client(d.url) as c:
+        jobs = [await client.execute(TICKER) for client in (a, b, c)]
+        prober = asyncio.ensure_future(probe())
+        started = time.monotonic()
+        restart = await asyncio.to_thread(ctl, d, "restart", "--graceful")
+        took = time.monotonic() - started
+        results = await asyncio.gather(*(job.wait(60) for job in jobs))
+        stop.set()
+        await prober
+    assert restart.returncode == 0, restart.stderr
+    assert not failures, failures
+    assert len(probes) > 10
+    for result in results:
+        assert (result.reason, result.stdout) == ("exit", TICKER_OUTPUT)
+    assert not set(d.role_pids("handler")) & set(old_handlers) and d.role_pids("broker") != [old_broker]
+    print(f"graceful restart: {took:.2f} s, {len(probes)} handshakes during it, 0 failed, "
+          f"{sum(c.reconnects for c in (a, b, c))} client resumes")

@@ -1,0 +1,485 @@
+#!/usr/bin/env python3
+"""ccexec benchmark suite: ccexec against websocketd and the raw pipe limit.
+
+    .venv/bin/python tools/bench/bench.py                 # full suite, 3 runs each
+    .venv/bin/python tools/bench/bench.py --quick         # tiny sizes, 1 run (a smoke test)
+    .venv/bin/python tools/bench/bench.py --only W1,W2 --runs 5 --json out.json
+
+Every workload runs against ccexec and, in the same run, against the
+baselines: websocketd (one process per connection; installed with apt-get
+when absent and running as root, else that column is skipped, saying why)
+and "raw" (the same command spawned with asyncio subprocess pipes, no
+network). Prints a Markdown table (median, min-max over the runs, ratios
+ccexec/baseline) and writes JSON. Servers bind 127.0.0.1 only; every loop
+is bounded; everything started is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import websockets
+
+ROOT = Path(__file__).resolve().parents[2]
+CCEXECD = str(Path(sys.executable).parent / "ccexecd")
+DONE = "__bench_done__"
+# websocketd runs one program per connection; for persistent connections the
+# program is this small shell loop: one command per message, then a marker.
+SHELL_LOOP = f'while IFS= read -r line; do sh -c "$line"; echo {DONE}; done'
+
+
+@dataclass
+class Sizes:
+    w1_jobs: int = 300
+    w1_concurrency: int = 8
+    w2_raw_bytes: int = 50331648      # base64 makes 64 MiB of it
+    w3_raw_bytes: int = 6291456       # one 8 MiB line
+    w4_connections: int = 1000
+    w5_streamers: int = 4
+    w5_probes: int = 200
+
+
+QUICK = Sizes(w1_jobs=20, w1_concurrency=4, w2_raw_bytes=393216, w3_raw_bytes=196608, w4_connections=20,
+              w5_streamers=2, w5_probes=20)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+# ------------------------------------------------------------------ servers
+
+class CcexecServer:
+    def __init__(self, tmp: Path, slots: int = 8, executors: int = 2):
+        self.port = free_port()
+        self.state = tmp / f"ccexec-{self.port}"
+        self.slots, self.executors = slots, executors
+        self.proc: subprocess.Popen | None = None
+        self.ready_after = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    async def __aenter__(self) -> "CcexecServer":
+        config = self.state / "ccexec.ini"
+        self.state.mkdir(parents=True)
+        text = (ROOT / "etc" / "ccexec.ini").read_text()
+        config.write_text(text.replace("slots_per_executor = 8", f"slots_per_executor = {self.slots}")
+                              .replace("max_queue = 1000", "max_queue = 100000"))
+        started = time.monotonic()
+        self.proc = subprocess.Popen([CCEXECD, "--config", str(config), "--port", str(self.port),
+                                      "--state-dir", str(self.state / "state"), "--executors", str(self.executors),
+                                      "--log-level", "warning"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.state)
+        await wait_http(self.port, "/ready", 30)
+        self.ready_after = time.monotonic() - started
+        return self
+
+    def rss(self) -> int:
+        """Resident memory of the daemon's own processes (not its jobs)."""
+        try:
+            procs = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children()
+            return sum(p.memory_info().rss for p in procs)
+        except psutil.Error:
+            return 0
+
+    def per_process(self) -> dict[str, float]:
+        rows = {}
+        for p in [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children():
+            cmd = p.cmdline()
+            name = cmd[3] if cmd[1:3] == ["-m", "ccexec"] else ("arbiter" if p.pid == self.proc.pid else "plugin")
+            key = f"{name}-{p.pid}"
+            rows[key] = round(p.memory_info().rss / 2**20, 1)
+        return rows
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(self.proc.wait, 60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+class WebsocketdServer:
+    def __init__(self, program: list[str]):
+        self.port = free_port()
+        self.program = program
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    async def __aenter__(self) -> "WebsocketdServer":
+        self.proc = subprocess.Popen(["websocketd", "--address", "127.0.0.1", "--port", str(self.port),
+                                      "--loglevel", "error", *self.program],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return self
+            except OSError:
+                await asyncio.sleep(0.05)
+        raise RuntimeError("websocketd did not start")
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        await asyncio.to_thread(self.proc.wait, 10)
+
+
+async def wait_http(port: int, path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            status = (await reader.readline()).split()
+            writer.close()
+            if len(status) > 1 and status[1] == b"200":
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"nothing answered {path} on port {port} within {timeout} s")
+
+
+def websocketd_available() -> str | None:
+    """None if websocketd can run here, else why not."""
+    if shutil.which("websocketd"):
+        return None
+    if os.geteuid() != 0:
+        return "websocketd is not installed and installing it needs root"
+    result = subprocess.run(["apt-get", "install", "-y", "-q", "websocketd"], capture_output=True, timeout=600)
+    return None if result.returncode == 0 and shutil.which("websocketd") else "apt-get install websocketd failed"
+
+
+# ------------------------------------------------------------------ clients
+
+async def ccexec_job(url: str, command: str, ws=None, **params) -> tuple[int, float]:
+    """Run one job; (stdout bytes, seconds). Opens its own connection unless given one."""
+    started = time.monotonic()
+    own = ws is None
+    ws = ws or await websockets.connect(url, max_size=None, open_timeout=30, ping_interval=None)
+    try:
+        await ws.send(json.dumps({"jsonrpc": "2.0", "method": "execute", "id": 1,
+                                  "params": {"command": command, **params}}))
+        size = 0
+        async for raw in ws:
+            if raw.startswith('{"jsonrpc":"2.0","method":"process.output"'):
+                size += json.loads(raw)["params"]["size"]
+            elif '"method":"process.completed"' in raw:
+                return size, time.monotonic() - started
+        raise RuntimeError("connection closed before process.completed")
+    finally:
+        if own:
+            await ws.close()
+
+
+async def websocketd_oneshot(url: str) -> tuple[int, float]:
+    started, size = time.monotonic(), 0
+    async with websockets.connect(url, max_size=None, open_timeout=30, ping_interval=None) as ws:
+        try:
+            async for message in ws:
+                size += len(message) + 1  # websocketd strips the newline of each line
+        except websockets.ConnectionClosed:
+            pass
+    return size, time.monotonic() - started
+
+
+async def websocketd_command(ws, command: str) -> tuple[int, float]:
+    started, size = time.monotonic(), 0
+    await ws.send(command)
+    async for message in ws:
+        if message == DONE:
+            return size, time.monotonic() - started
+        size += len(message) + 1
+    raise RuntimeError("websocketd closed early")
+
+
+async def raw_job(command: str) -> tuple[int, float]:
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec("sh", "-c", command, stdout=asyncio.subprocess.PIPE,
+                                                stdin=asyncio.subprocess.DEVNULL)
+    size = 0
+    while chunk := await proc.stdout.read(1 << 20):
+        size += len(chunk)
+    await proc.wait()
+    return size, time.monotonic() - started
+
+
+async def bounded(jobs: int, concurrency: int, run_one) -> list[float]:
+    """Run `jobs` calls of run_one() with at most `concurrency` at once; their latencies."""
+    latencies: list[float] = []
+    counter = iter(range(jobs))
+
+    async def worker() -> None:
+        for _ in counter:
+            latencies.append((await run_one())[1])
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies
+
+
+async def on_persistent(url: str, jobs: int, concurrency: int, run_on) -> list[float]:
+    """Run jobs over `concurrency` connections opened once (one job at a time on each)."""
+    conns = [await websockets.connect(url, max_size=None, ping_interval=None) for _ in range(concurrency)]
+    pool: asyncio.Queue = asyncio.Queue()
+    for conn in conns:
+        pool.put_nowait(conn)
+
+    async def one():
+        conn = await pool.get()
+        try:
+            return await run_on(conn)
+        finally:
+            pool.put_nowait(conn)
+    try:
+        return await bounded(jobs, concurrency, one)
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+# ------------------------------------------------------------------ workloads
+
+@dataclass
+class Results:
+    rows: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, workload: str, metric: str, target: str, values: list[float], better: str) -> None:
+        self.rows.append({"workload": workload, "metric": metric, "target": target, "values": values,
+                          "median": statistics.median(values), "min": min(values), "max": max(values),
+                          "better": better})
+
+
+def throughput(latencies: list[float], wall: float) -> float:
+    return len(latencies) / wall
+
+
+async def w1(sizes: Sizes, runs: int, res: Results, tmp: Path, websocketd: bool) -> None:
+    n, conc = sizes.w1_jobs, sizes.w1_concurrency
+    for _ in range(runs):
+        async with CcexecServer(tmp) as server:
+            for mode in ("per-connection", "persistent"):
+                started = time.monotonic()
+                if mode == "per-connection":
+                    lat = await bounded(n, conc, lambda: ccexec_job(server.url, "echo hello"))
+                else:
+                    lat = await on_persistent(server.url, n, conc, lambda c: ccexec_job(server.url, "echo hello", ws=c))
+                wall = time.monotonic() - started
+                record_latency(res, f"W1 {mode}", "ccexec", lat, wall)
+        if websocketd:
+            async with WebsocketdServer(["sh", "-c", "echo hello"]) as wsd:
+                started = time.monotonic()
+                lat = await bounded(n, conc, lambda: websocketd_oneshot(wsd.url))
+                record_latency(res, "W1 per-connection", "websocketd", lat, time.monotonic() - started)
+            async with WebsocketdServer(["sh", "-c", SHELL_LOOP]) as wsd:
+                started = time.monotonic()
+                lat = await on_persistent(wsd.url, n, conc, lambda c: websocketd_command(c, "echo hello"))
+                record_latency(res, "W1 persistent", "websocketd", lat, time.monotonic() - started)
+        started = time.monotonic()
+        lat = await bounded(n, conc, lambda: raw_job("echo hello"))
+        record_latency(res, "W1 per-connection", "raw", lat, time.monotonic() - started)
+
+
+def record(res: Results, workload: str, metric: str, target: str, value: float, better: str) -> None:
+    """Add one run's value to its row (created on the first run)."""
+    row = next((r for r in res.rows if (r["workload"], r["metric"], r["target"]) == (workload, metric, target)), None)
+    if row is None:
+        res.add(workload, metric, target, [value], better)
+        return
+    row["values"].append(value)
+    row.update(median=statistics.median(row["values"]), min=min(row["values"]), max=max(row["values"]))
+
+
+def record_latency(res: Results, workload: str, target: str, lat: list[float], wall: float) -> None:
+    for metric, value, better in (("jobs/s", throughput(lat, wall), "higher"),
+                                  ("p50 ms", percentile(lat, 0.5) * 1000, "lower"),
+                                  ("p99 ms", percentile(lat, 0.99) * 1000, "lower")):
+        record(res, workload, metric, target, value, better)
+
+
+def base64_command(raw_bytes: int, width: int) -> str:
+    return f"head -c {raw_bytes} /dev/urandom | base64 -w {width}"
+
+
+def base64_size(raw_bytes: int, width: int) -> int:
+    chars = 4 * -(-raw_bytes // 3)
+    return chars + (-(-chars // width) if width else 1)
+
+
+async def w2_w3(sizes: Sizes, runs: int, res: Results, tmp: Path, websocketd: bool) -> None:
+    cases = [("W2 stream", base64_command(sizes.w2_raw_bytes, 76), base64_size(sizes.w2_raw_bytes, 76)),
+             ("W3 8 MiB line", base64_command(sizes.w3_raw_bytes, 0) + "; echo", base64_size(sizes.w3_raw_bytes, 0))]
+    for _ in range(runs):
+        async with CcexecServer(tmp) as server:
+            for workload, command, expected in cases:
+                modes = ("lines", "chunks") if workload.startswith("W2") else ("lines",)
+                for mode in modes:
+                    size, took = await ccexec_job(server.url, command, stream_mode=mode)
+                    target = "ccexec" if mode == "lines" else "ccexec chunks"
+                    record(res, workload, "MiB/s", target, size / took / 2**20, "higher")
+                    record(res, workload, "exact", target, float(size == expected), "higher")
+        for workload, command, expected in cases:
+            if websocketd:
+                async with WebsocketdServer(["sh", "-c", command]) as wsd:
+                    size, took = await websocketd_oneshot(wsd.url)
+                    record(res, workload, "MiB/s", "websocketd", size / took / 2**20, "higher")
+                    record(res, workload, "exact", "websocketd", float(size == expected), "higher")
+            size, took = await raw_job(command)
+            record(res, workload, "MiB/s", "raw", size / took / 2**20, "higher")
+            record(res, workload, "exact", "raw", float(size == expected), "higher")
+
+
+async def w4(sizes: Sizes, runs: int, res: Results, tmp: Path) -> None:
+    n = sizes.w4_connections
+    for _ in range(runs):
+        async with CcexecServer(tmp, slots=-(-n // 2)) as server:
+            peak = server.rss()
+            sampling = True
+
+            async def sample() -> None:
+                nonlocal peak
+                while sampling:
+                    peak = max(peak, server.rss())
+                    await asyncio.sleep(0.1)
+            sampler = asyncio.ensure_future(sample())
+            started = time.monotonic()
+            outcomes = await asyncio.gather(*(ccexec_job(server.url, "sleep 2; echo done") for _ in range(n)),
+                                            return_exceptions=True)
+            wall = time.monotonic() - started
+            sampling = False
+            await sampler
+            done = sum(1 for o in outcomes if not isinstance(o, Exception) and o[0] == 5)
+            record(res, "W4 1000 x sleep 2", "completed %", "ccexec", 100.0 * done / n, "higher")
+            record(res, "W4 1000 x sleep 2", "wall s", "ccexec", wall, "lower")
+            record(res, "W4 1000 x sleep 2", "peak RSS MiB", "ccexec", peak / 2**20, "lower")
+
+
+async def handshake_latencies(url: str, probes: int) -> list[float]:
+    latencies = []
+    for _ in range(probes):
+        started = time.monotonic()
+        async with websockets.connect(url, open_timeout=30, ping_interval=None) as ws:
+            if "/ws" in url:
+                await ws.recv()  # ccexec's `connected`: ready for requests
+        latencies.append(time.monotonic() - started)
+        await asyncio.sleep(0.01)
+    return latencies
+
+
+async def w5(sizes: Sizes, runs: int, res: Results, tmp: Path, websocketd: bool) -> None:
+    command = base64_command(sizes.w2_raw_bytes, 76)
+    for _ in range(runs):
+        async with CcexecServer(tmp) as server:
+            load = [asyncio.ensure_future(ccexec_job(server.url, command)) for _ in range(sizes.w5_streamers)]
+            lat = await handshake_latencies(server.url, sizes.w5_probes)
+            await asyncio.gather(*load)
+            record(res, "W5 handshake under load", "p50 ms", "ccexec", percentile(lat, 0.5) * 1000, "lower")
+            record(res, "W5 handshake under load", "p99 ms", "ccexec", percentile(lat, 0.99) * 1000, "lower")
+        if websocketd:
+            async with WebsocketdServer(["sh", "-c", command]) as wsd:
+                load = [asyncio.ensure_future(websocketd_oneshot(wsd.url)) for _ in range(sizes.w5_streamers)]
+                await asyncio.sleep(0.2)  # let the streams start before probing
+                async with WebsocketdServer(["true"]) as probe_target:
+                    lat = await handshake_latencies(probe_target.url, sizes.w5_probes)
+                await asyncio.gather(*load)
+            record(res, "W5 handshake under load", "p50 ms", "websocketd", percentile(lat, 0.5) * 1000, "lower")
+            record(res, "W5 handshake under load", "p99 ms", "websocketd", percentile(lat, 0.99) * 1000, "lower")
+
+
+async def idle(runs: int, res: Results, tmp: Path) -> None:
+    for _ in range(runs):
+        async with CcexecServer(tmp) as server:
+            await asyncio.sleep(1.0)  # settle after start: this measures the idle daemon
+            record(res, "Idle default pool", "RSS MiB", "ccexec", server.rss() / 2**20, "lower")
+            record(res, "Idle default pool", "ready s", "ccexec", server.ready_after, "lower")
+            res.notes.append("idle RSS per process (MiB): " + json.dumps(server.per_process()))
+
+
+# ------------------------------------------------------------------ report
+
+def ratio_rows(res: Results) -> list[str]:
+    lines = ["| workload | metric | target | median | min-max | ccexec / baseline |",
+             "|---|---|---|---|---|---|"]
+    ccexec_medians = {(r["workload"], r["metric"]): r["median"] for r in res.rows if r["target"] == "ccexec"}
+    for r in res.rows:
+        base = ccexec_medians.get((r["workload"], r["metric"]))
+        ratio = ""
+        if r["target"] not in ("ccexec", "ccexec chunks") and base is not None and r["median"]:
+            ratio = f"{base / r['median']:.2f}"
+        elif r["target"] == "ccexec chunks":
+            raw = next((x["median"] for x in res.rows if x["target"] == "raw" and
+                        (x["workload"], x["metric"]) == (r["workload"], r["metric"])), None)
+            ratio = f"{r['median'] / raw:.2f} of raw" if raw else ""
+        lines.append(f"| {r['workload']} | {r['metric']} | {r['target']} | {r['median']:.2f} | "
+                     f"{r['min']:.2f}-{r['max']:.2f} | {ratio} |")
+    return lines
+
+
+async def main_async(args: argparse.Namespace) -> Results:
+    sizes = QUICK if args.quick else Sizes()
+    runs = args.runs or (1 if args.quick else 3)
+    only = set(args.only.split(",")) if args.only else {"W1", "W2", "W4", "W5", "IDLE"}
+    res = Results()
+    why_not = None if args.no_websocketd is False else "disabled with --no-websocketd"
+    why_not = why_not or websocketd_available()
+    if why_not:
+        res.notes.append(f"websocketd column skipped: {why_not}")
+    websocketd = why_not is None
+    with tempfile.TemporaryDirectory(prefix="ccexec-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        if "W1" in only:
+            await w1(sizes, runs, res, tmp, websocketd)
+        if "W2" in only:
+            await w2_w3(sizes, runs, res, tmp, websocketd)
+        if "W4" in only:
+            await w4(sizes, runs, res, tmp)
+        if "W5" in only:
+            await w5(sizes, runs, res, tmp, websocketd)
+        if "IDLE" in only:
+            await idle(runs, res, tmp)
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one run: a smoke test")
+    parser.add_argument("--runs", type=int, help="runs per workload (default 3; 1 with --quick)")
+    parser.add_argument("--only", help="comma-separated subset of W1,W2,W4,W5,IDLE (W2 includes W3)")
+    parser.add_argument("--json", default="bench-results.json", help="where to write the JSON results")
+    parser.add_argument("--no-websocketd", action="store_true", help="skip the websocketd baseline")
+    args = parser.parse_args()
+    res = asyncio.run(main_async(args))
+    print("\n".join(ratio_rows(res)))
+    for note in res.notes:
+        print(f"\n{note}")
+    Path(args.json).write_text(json.dumps({"rows": res.rows, "notes": res.notes}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
