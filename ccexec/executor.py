@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -69,15 +70,19 @@ def signal_tree(pgid: int, sig: int) -> None:
         escaped = [p for p in leader.children(recursive=True) if _pgid(p.pid) != pgid]
     except psutil.Error:
         escaped = []
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
+    kill_group(pgid, sig)
     for proc in escaped:
         try:
             proc.send_signal(sig)
         except psutil.Error:
             pass
+
+
+def kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _pgid(pid: int) -> int | None:
@@ -161,8 +166,10 @@ class Executor:
     async def run_job(self, job_id: str, spec: dict) -> None:
         job = RunningJob(job_id, spec, claude_reader=claude.ClaudeReader() if claude.is_claude_job(spec) else None)
         self.jobs[job_id] = job
-        journal = await self.in_thread(JournalWriter, self.settings.jobs_dir, job_id)
-        exit_code, reason, error = await self.execute(job, journal)
+        cwd = self.resolve_cwd(spec)
+        journal, cwd_exists = await self.in_thread(self.prepare, job_id, cwd)
+        exit_code, reason, error = await self.execute(job, journal, cwd) if cwd_exists else \
+            (126, "rejected", f"working directory does not exist: {cwd}")
         await self.in_thread(journal.close)
         self.jobs.pop(job_id, None)
         completed = {
@@ -176,11 +183,12 @@ class Executor:
         self.unacked[job_id] = completed
         await self.send(bus.COMPLETED, completed)
 
-    async def execute(self, job: RunningJob, journal: JournalWriter) -> tuple[int, str, str | None]:
+    def prepare(self, job_id: str, cwd: str) -> tuple[JournalWriter, bool]:
+        """In a worker thread: the job's journal, and whether its cwd exists (one hop for both)."""
+        return JournalWriter(self.settings.jobs_dir, job_id), os.path.isdir(cwd)
+
+    async def execute(self, job: RunningJob, journal: JournalWriter, cwd: str) -> tuple[int, str, str | None]:
         """Run the job to its end: (exit_code, reason, error)."""
-        cwd = self.resolve_cwd(job.spec)
-        if not await self.in_thread(os.path.isdir, cwd):
-            return 126, "rejected", f"working directory does not exist: {cwd}"
         argv = self.argv(job.spec)
         stall_timeout = job.spec.get("stall_timeout")
         stall_timeout = self.settings.stall_timeout if stall_timeout is None else stall_timeout
@@ -240,12 +248,12 @@ class Executor:
 
     async def drain(self, job: RunningJob, pumps: list[asyncio.Future]) -> None:
         """Read the pipes to their end; what the leader left running is ended."""
-        done, pending = await asyncio.wait(pumps, timeout=EXIT_DRAIN)
+        _, pending = await asyncio.wait(pumps, timeout=EXIT_DRAIN)
+        # The leader is gone (and reaped), so its group is all that is left to
+        # end: a background process may still run in it, holding the pipes.
+        kill_group(job.pid, signal.SIGKILL)
         if pending:
-            signal_tree(job.pid, signal.SIGKILL)
             await asyncio.wait(pending)
-        else:  # pipes closed, but a background process may still run in the group
-            await self.in_thread(signal_tree, job.pid, signal.SIGKILL)
 
     def outcome(self, job: RunningJob) -> tuple[int, str, str | None]:
         code = job.proc.returncode
@@ -359,4 +367,8 @@ class Executor:
 def main(argv: list[str]) -> None:
     settings = config.load_effective()
     logs.setup("executor", settings.log_level)
+    if sys.version_info < (3, 12) and hasattr(os, "pidfd_open"):
+        # Python 3.11 waits for each child in a thread of its own; a pidfd on
+        # the event loop does it without (3.12 does this by default).
+        asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
     asyncio.run(Executor(settings).run())

@@ -375,9 +375,9 @@ async def w4(sizes: Sizes, runs: int, res: Results, tmp: Path) -> None:
             sampling = False
             await sampler
             done = sum(1 for o in outcomes if not isinstance(o, Exception) and o[0] == 5)
-            record(res, "W4 1000 x sleep 2", "completed %", "ccexec", 100.0 * done / n, "higher")
-            record(res, "W4 1000 x sleep 2", "wall s", "ccexec", wall, "lower")
-            record(res, "W4 1000 x sleep 2", "peak RSS MiB", "ccexec", peak / 2**20, "lower")
+            record(res, f"W4 {n} x sleep 2", "completed %", "ccexec", 100.0 * done / n, "higher")
+            record(res, f"W4 {n} x sleep 2", "wall s", "ccexec", wall, "lower")
+            record(res, f"W4 {n} x sleep 2", "peak RSS MiB", "ccexec", peak / 2**20, "lower")
 
 
 async def handshake_latencies(url: str, probes: int) -> list[float]:
