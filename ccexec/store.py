@@ -21,7 +21,7 @@ PUBLIC = ("job_id", "name", "command", "state", "pid", "exit_code", "reason", "e
           "started_at", "finished_at", "stdout_bytes", "stderr_bytes")
 PRUNE_BATCH = 200  # journals removed per pass, so one pass never blocks for long
 
-SCHEMA = f"""
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY, name TEXT, command TEXT, state TEXT NOT NULL, pid INTEGER,
     pgid INTEGER, exit_code INTEGER, reason TEXT, error TEXT, client TEXT,

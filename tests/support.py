@@ -201,3 +201,10 @@ def async_test(timeout: float = 60):
             return run(fn(*args, **kwargs), timeout)
         return test
     return wrap
+
+
+def ticker(lines: int, interval: float, word: str = "tick") -> tuple[str, str]:
+    """A command printing `lines` numbered lines, one every `interval` s, and its exact output."""
+    command = (f"{sys.executable} -c \"import time\nfor i in range({lines}):\n"
+               f"    print(f'{word} {{i:04d}}', flush=True); time.sleep({interval})\"")
+    return command, "".join(f"{word} {i:04d}\n" for i in range(lines))

@@ -16,12 +16,10 @@ import pytest
 import websockets
 
 from ccexec.client import Client
-from support import Daemon, async_test, marked_processes, wait_for
+from support import Daemon, async_test, marked_processes, ticker, wait_for
 
 CTL = str(Path(sys.executable).parent / "ccexecctl")
-TICKER = (f"{sys.executable} -c \"import sys, time\nfor i in range(120):\n"
-          "    print(f'tick {i:04d}', flush=True); time.sleep(0.05)\"")
-TICKER_OUTPUT = "".join(f"tick {i:04d}\n" for i in range(120))
+TICKER, TICKER_OUTPUT = ticker(120, 0.05)
 
 
 def ctl(daemon: Daemon, *args: str, timeout: float = 90, **kwargs) -> subprocess.CompletedProcess:

@@ -20,12 +20,9 @@ import psutil
 import websockets
 
 from ccexec.client import Client
-from support import Daemon, async_test, http_get, marked_processes, wait_for
-from wire import Wire
+from support import Daemon, async_test, http_get, marked_processes, ticker, wait_for
 
-PY = sys.executable
-TICKER = f"{PY} -c \"import sys, time\nfor i in range(150):\n    print(f'tick {{i:04d}}', flush=True); time.sleep(0.02)\""
-TICKER_OUTPUT = "".join(f"tick {i:04d}\n" for i in range(150))
+TICKER, TICKER_OUTPUT = ticker(150, 0.02)
 
 
 def _alive(pid: int) -> bool:

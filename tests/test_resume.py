@@ -6,20 +6,17 @@ import asyncio
 import os
 import shutil
 import signal
-import sys
 import time
 
 import psutil
 import pytest
 
 from ccexec.client import Client, RPCError
-from support import async_test, wait_for
+from support import async_test, ticker
 from wire import Wire
 
-PY = sys.executable
 # 200 numbered lines, one every 20 ms: long enough to interrupt, exact to compare.
-TICKER = f"{PY} -c \"import sys, time\nfor i in range(200):\n    print(f'line {{i:04d}}', flush=True); time.sleep(0.02)\""
-TICKER_OUTPUT = "".join(f"line {i:04d}\n" for i in range(200))
+TICKER, TICKER_OUTPUT = ticker(200, 0.02, "line")
 
 
 @async_test()
