@@ -13,13 +13,15 @@ import configparser
 import json
 import logging
 import os
+import resource
 import socket
+import ssl
 import sys
 
 import click
 import psutil
 
-from ccexec import __version__, config, leftovers, logs
+from ccexec import __version__, config, leftovers, logs, policy
 from ccexec.systemd import SystemdNotify
 
 log = logging.getLogger("ccexec.arbiter")
@@ -81,9 +83,57 @@ def resolve(config_file: str | None, **overrides) -> tuple[config.Settings, conf
     ini.set("ccexec", "state_dir", settings.state_dir)
     ini.set("ccexec", "workdir", settings.workdir)
     ini.set("circus", "loglevel", settings.log_level)
+    for key in ("token_file", "tls_cert", "tls_key"):  # absolute, whatever the children's cwd
+        ini.set("ccexec", key, getattr(settings, key))
+    cap_rlimits(ini)
     if settings.log_dir:
         log_to_files(ini, settings)
     return config.settings_from_ini(ini), ini
+
+
+def nofile_ceiling() -> int:
+    """The most open files a watcher may be given: ccexecd's own hard limit
+    (raising it needs a privilege even root may lack in a container; under
+    systemd, LimitNOFILE= sets it)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+def cap_rlimits(ini: configparser.ConfigParser) -> None:
+    """Circus sets a watcher's rlimit_nofile as soft and hard limit; past what
+    the system allows its processes would fail to start, so cap it."""
+    ceiling = nofile_ceiling()
+    for section in ini.sections():
+        raw = ini.get(section, "rlimit_nofile", fallback="").strip() if section.startswith("watcher:") else ""
+        if not raw:
+            continue
+        try:
+            wanted = int(raw)
+        except ValueError:
+            raise config.ConfigError(f"[{section}] rlimit_nofile must be a number, got {raw!r}") from None
+        if ceiling != resource.RLIM_INFINITY and (wanted < 0 or wanted > ceiling):
+            ini.set(section, "rlimit_nofile", str(ceiling))
+
+
+def check_security(settings: config.Settings) -> None:
+    """Refuse a configuration that would expose the daemon: no tokens beyond
+    loopback, an unusable token file, or TLS that cannot load."""
+    if settings.token_file:
+        try:
+            tokens = policy.read_token_file(settings.token_file)
+        except policy.PolicyError as exc:
+            raise config.ConfigError(str(exc)) from None
+        logs.event(log, "auth.tokens_loaded", tokens=len(tokens), names=",".join(tokens.by_name))
+    elif not policy.is_loopback(settings.host):
+        raise config.ConfigError(
+            f"refusing to listen on {settings.host or 'every address'} without authentication: "
+            "set [ccexec] token_file (bearer tokens), or bind to loopback (127.0.0.1, ::1, localhost)")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise config.ConfigError("[ccexec] tls_cert and tls_key go together: set both or neither")
+    if settings.tls_cert:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(settings.tls_cert, settings.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise config.ConfigError(f"cannot load tls_cert/tls_key: {exc}") from None
 
 
 def log_to_files(ini: configparser.ConfigParser, settings: config.Settings) -> None:
@@ -124,6 +174,7 @@ def reload_config(settings: config.Settings) -> config.Settings:
         launch = json.load(f)
     os.chdir(launch["cwd"])
     fresh, ini = resolve(launch["config_file"], **launch["overrides"])
+    check_security(fresh)  # a reload must not open what a start would refuse
     ini.set("ccexec", "watchdog_port", str(settings.watchdog_port))
     config.write_effective(ini, effective_path(fresh))
     return config.settings_from_ini(ini)
@@ -175,6 +226,7 @@ def main(config_file, host, port, handlers, executors, state_dir, log_level) -> 
         logs.setup("arbiter", settings.log_level,
                    os.path.join(settings.log_dir, "arbiter.log") if settings.log_dir else None,
                    settings.log_max_bytes, settings.log_backups)
+        check_security(settings)
         recover(settings, effective_path(settings))
         path = publish(settings, ini)
         record_launch(settings, config_file, overrides)

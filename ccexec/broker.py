@@ -41,6 +41,7 @@ class Peer:
     capacity: int = 0
     jobs: set[str] = field(default_factory=set)
     connections: int = 0
+    addresses: dict[str, int] = field(default_factory=dict)  # a handler's connections by client address
 
     @property
     def free(self) -> int:
@@ -218,6 +219,8 @@ class Broker:
         peer.last_seen = time.monotonic()
         if kind == bus.HEARTBEAT:
             peer.connections = int(header.get("connections", 0))
+            addresses = header.get("addresses")
+            peer.addresses = addresses if isinstance(addresses, dict) else {}
         elif kind == bus.SUBMIT:
             self.submit(identity, header)
         elif kind == bus.CONTROL:
@@ -294,7 +297,7 @@ class Broker:
                   client=header.get("client"), after=header.get("after"))
         job.subscribers.add(identity)
         self.jobs[job_id] = job
-        logs.event(log, "job.accepted", job_id=job_id, client=job.client,
+        logs.event(log, "job.accepted", job_id=job_id, client=job.client, token=header.get("token"),
                    name=job.spec.get("name"))
         predecessor = self.jobs.get(job.after) if job.after else None
         self.store.accepted(job_id, job.spec, job.client, "held" if predecessor else "queued")
@@ -495,7 +498,7 @@ class Broker:
             if now - peer.last_seen > PEER_TIMEOUT:
                 self.lose_handler(identity)
             else:
-                self.to_handler(identity, bus.HEARTBEAT, stats)
+                self.to_handler(identity, bus.HEARTBEAT, self.with_addresses_elsewhere(stats, identity))
 
     def lose_executor(self, identity: bytes, why: str) -> None:
         """An executor died: its jobs end `lost`, their process groups killed."""
@@ -563,6 +566,18 @@ class Broker:
             self.to_executor(job.executor, bus.CONTROL, {"job_id": job.job_id, "action": action, "ref": ""})
         else:
             self.finish_unstarted(job, "canceled", "canceled: its client went away")
+
+    def with_addresses_elsewhere(self, stats: dict, identity: bytes) -> dict:
+        """For max_sessions_per_address: the other handlers' connections by client address."""
+        others = [p.addresses for i, p in self.handlers.items() if i != identity and p.addresses]
+        if not others:
+            return stats
+        elsewhere: dict[str, int] = {}
+        for addresses in others:
+            for address, count in addresses.items():
+                if isinstance(count, int):
+                    elsewhere[address] = elsewhere.get(address, 0) + count
+        return {**stats, "addresses_elsewhere": elsewhere}
 
     def heartbeat_header(self) -> dict:
         """What handlers learn with each heartbeat: the pool's state and metrics."""

@@ -50,6 +50,23 @@ class Settings:
     log_dir: str = ""
     log_max_bytes: int = 10 * 2**20
     log_backups: int = 5
+    # security (docs: etc/ccexec.ini, [ccexec] "Security" and "Limits")
+    token_file: str = ""
+    allowed_origins: tuple[str, ...] = ()
+    tls_cert: str = ""
+    tls_key: str = ""
+    command_allow: tuple[str, ...] = ()
+    command_deny: tuple[str, ...] = ()
+    allow_shell: bool = True
+    env_pass: tuple[str, ...] = ()
+    env_client_allow: tuple[str, ...] = ("*",)
+    max_sessions_per_address: int = 0
+    max_jobs_per_connection: int = 0
+    max_stdin_bytes: int = 0
+    max_requests_per_second: float = 0.0
+    request_burst: int = 0
+    max_job_seconds: float = 0.0
+    max_output_bytes: int = 0
 
     @property
     def run_dir(self) -> str:
@@ -140,6 +157,22 @@ def _number(ini, section, key, default, kind=int, low=None, high=None):
     return value
 
 
+def _bool(ini, section, key, default: bool) -> bool:
+    raw = ini.get(section, key, fallback="").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"[{section}] {key} must be true or false, got {raw!r}")
+
+
+def _path(ini, section, key) -> str:
+    raw = ini.get(section, key, fallback="").strip()
+    return os.path.abspath(os.path.expanduser(raw)) if raw else ""
+
+
 def settings_from_ini(ini: configparser.ConfigParser) -> Settings:
     d = Settings()
     c = "ccexec"
@@ -173,6 +206,22 @@ def settings_from_ini(ini: configparser.ConfigParser) -> Settings:
         log_dir=os.path.abspath(os.path.expanduser(get("log_dir", ""))) if get("log_dir", "") else "",
         log_max_bytes=_number(ini, c, "log_max_bytes", d.log_max_bytes, int, 4096, 2**40),
         log_backups=_number(ini, c, "log_backups", d.log_backups, int, 0, 1000),
+        token_file=_path(ini, c, "token_file"),
+        allowed_origins=tuple(get("allowed_origins", "").split()),
+        tls_cert=_path(ini, c, "tls_cert"),
+        tls_key=_path(ini, c, "tls_key"),
+        command_allow=tuple(get("command_allow", "").split()),
+        command_deny=tuple(get("command_deny", "").split()),
+        allow_shell=_bool(ini, c, "allow_shell", d.allow_shell),
+        env_pass=tuple(get("env_pass", "").split()),
+        env_client_allow=tuple(ini.get(c, "env_client_allow", fallback=" ".join(d.env_client_allow)).split()),
+        max_sessions_per_address=_number(ini, c, "max_sessions_per_address", 0, int, 0, 10**6),
+        max_jobs_per_connection=_number(ini, c, "max_jobs_per_connection", 0, int, 0, 10**6),
+        max_stdin_bytes=_number(ini, c, "max_stdin_bytes", 0, int, 0, 2**40),
+        max_requests_per_second=_number(ini, c, "max_requests_per_second", 0.0, float, 0, 10**6),
+        request_burst=_number(ini, c, "request_burst", 0, int, 0, 10**6),
+        max_job_seconds=_number(ini, c, "max_job_seconds", 0.0, float, 0, 10**8),
+        max_output_bytes=_number(ini, c, "max_output_bytes", 0, int, 0, 2**62),
     )
 
 

@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 import click
 import psutil
 
-from ccexec import config
+from ccexec import config, policy
 from ccexec.client import Client, RPCError
 
 EXIT_FAILED, EXIT_DOWN = 1, 3
@@ -69,7 +70,29 @@ class Daemon:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.address}/ws"
+        return f"{'wss' if self.settings.tls_cert else 'ws'}://{self.address}/ws"
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """Trust the daemon's own certificate (the address is loopback, so no name check)."""
+        if not self.settings.tls_cert:
+            return None
+        context = ssl.create_default_context(cafile=self.settings.tls_cert)
+        context.check_hostname = False
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        return context
+
+    def connect_kwargs(self) -> dict:
+        """TLS and the first bearer token of the daemon's token_file, when it has them."""
+        kwargs: dict = {}
+        if self.settings.token_file:
+            try:
+                tokens = policy.read_token_file(self.settings.token_file)
+            except policy.PolicyError as exc:
+                raise click.ClickException(str(exc)) from None
+            kwargs["additional_headers"] = {"Authorization": f"Bearer {next(iter(tokens.by_name.values()))}"}
+        if self.settings.tls_cert:
+            kwargs["ssl"] = self.tls_context()
+        return kwargs
 
     def running(self) -> bool:
         try:
@@ -85,9 +108,9 @@ class Daemon:
             return False
 
     def http(self, path: str) -> tuple[int, dict]:
-        url = f"http://{self.address}{path}"
+        url = f"{'https' if self.settings.tls_cert else 'http'}://{self.address}{path}"
         try:
-            with urllib.request.urlopen(url, timeout=5) as reply:
+            with urllib.request.urlopen(url, timeout=5, context=self.tls_context()) as reply:
                 return reply.status, json.loads(reply.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"{}")
@@ -218,7 +241,7 @@ def require_running(daemon: Daemon) -> None:
 def with_client(daemon: Daemon, work):
     """Run `work(client)` against the daemon over its WebSocket."""
     async def session():
-        async with Client(daemon.url, open_timeout=5) as client:
+        async with Client(daemon.url, open_timeout=5, **daemon.connect_kwargs()) as client:
             return await work(client)
     try:
         return asyncio.run(session())

@@ -22,7 +22,7 @@ import psutil
 import zmq
 import zmq.asyncio
 
-from ccexec import bus, claude, config, logs, stall
+from ccexec import bus, claude, config, logs, policy, stall
 from ccexec.journal import JournalWriter
 from ccexec.liveness import WatchdogPulse
 
@@ -54,13 +54,13 @@ class RunningJob:
 
 
 def job_environment(settings: config.Settings, requested: dict[str, str]) -> dict[str, str]:
-    """The daemon's environment after the policy, plus the request's env."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(INTERNAL_ENV_PREFIXES)}
-    env.update(settings.env_set)
-    env.update(requested)
-    for name in settings.env_remove:
-        env.pop(name, None)
-    return env
+    """The daemon's environment (without its internal variables) after the
+    environment policy: env_pass, env_set, the request's env as far as
+    env_client_allow lets it, and env_remove last (policy.job_environment)."""
+    daemon_env = {k: v for k, v in os.environ.items() if not k.startswith(INTERNAL_ENV_PREFIXES)}
+    return policy.job_environment(daemon_env, env_pass=settings.env_pass, env_set=settings.env_set,
+                                  requested=requested, client_allow=settings.env_client_allow,
+                                  remove=settings.env_remove)
 
 
 def signal_tree(pgid: int, sig: int) -> None:
@@ -221,11 +221,12 @@ class Executor:
         return self.outcome(job)
 
     async def wait_leader(self, job: RunningJob) -> None:
-        timeout = job.spec.get("timeout")
+        timeout, capped = policy.job_timeout(job.spec.get("timeout"), self.settings.max_job_seconds)
         try:
             await asyncio.wait_for(asyncio.shield(job.proc.wait()), timeout)
         except asyncio.TimeoutError:
-            await self.end_job(job, "timeout", f"timed out after {timeout:g} s")
+            await self.end_job(job, "timeout", f"timed out after {timeout:g} s"
+                               + (" (the daemon's max_job_seconds)" if capped else ""))
             await job.proc.wait()
 
     async def watch_stall(self, job: RunningJob, stall_timeout: float) -> None:
@@ -272,6 +273,16 @@ class Executor:
                 if stream == "stdout" and job.claude_reader is not None:
                     await self.claude_events(job, None)
                 return
+            limit = self.settings.max_output_bytes
+            if limit and job.output_bytes + len(data) > limit:
+                data = data[:max(0, limit - job.output_bytes)]  # the rest is read and dropped
+                if job.ended_by is None:
+                    job.ended_by = "output_limit"
+                    job.ended_error = (f"output limit reached: the job wrote more than {limit} bytes "
+                                       "(max_output_bytes); it was ended and its output kept up to the limit")
+                    self.spawn_task(self.end_job(job, job.ended_by, job.ended_error))
+                if not data:
+                    continue
             job.output_bytes += len(data)
             offset = await self.in_thread(journal.append, stream, data)
             self.try_send(bus.OUTPUT, {"job_id": job.job_id, "stream": stream, "offset": offset}, data)

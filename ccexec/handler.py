@@ -17,9 +17,10 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 
 import zmq
@@ -29,7 +30,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request as HttpRequest, Response as HttpResponse
 
-from ccexec import __version__, bus, config, journal, logs, metrics, protocol
+from ccexec import __version__, bus, config, journal, logs, metrics, policy, protocol
 from ccexec.liveness import WatchdogPulse
 from ccexec.protocol import STREAMS, ProtocolError
 
@@ -43,6 +44,8 @@ CLOSE_SERVICE_RESTART = 1012
 BROKER_TIMEOUT = 10.0  # seconds to wait for the broker (and executor) to answer a request
 CHUNK_FLUSH_DELAY = 0.05  # seconds of quiet before "chunks" mode sends a partial line
 HOOK_STATUS = {"enabled": False, "hooks_configured": []}
+TOKEN_CHECK_INTERVAL = 1.0  # seconds between checks of the token file for changes
+JOB_LIMIT_RETRY_AFTER = 1  # seconds a client over max_jobs_per_connection is told to wait
 
 
 class StreamState:
@@ -238,6 +241,10 @@ class Session:
         self.last_sequenced: JobStream | None = None
         self.last_sent = time.monotonic()
         self.client = "%s:%s" % ws.remote_address[:2] if ws.remote_address else "-"
+        self.token_name = handler.admitted.get(ws, (None, None))[1]
+        rate = handler.settings.max_requests_per_second
+        self.bucket = policy.TokenBucket(rate, policy.burst_for(rate, handler.settings.request_burst),
+                                         time.monotonic()) if rate > 0 else None
 
     async def send(self, text: str) -> None:
         self.last_sent = time.monotonic()
@@ -264,6 +271,8 @@ class Session:
     async def handle_frame(self, frame: str | bytes) -> None:
         request = None
         try:
+            if self.bucket is not None and (wait := self.bucket.take(time.monotonic())):
+                raise self.rate_limited(frame, wait)
             request = protocol.parse_frame(frame)
             await self.dispatch(request)
         except ProtocolError as exc:
@@ -275,10 +284,48 @@ class Session:
             await self.send(protocol.error_response(
                 request.id if request else None, protocol.INTERNAL_ERROR, f"Internal error: {exc}"))
 
+    def rate_limited(self, frame: str | bytes, wait: float) -> ProtocolError:
+        """-32005 for a frame past max_requests_per_second (the frame is not carried out)."""
+        try:
+            request_id = protocol.parse_frame(frame).id
+        except ProtocolError as exc:
+            request_id = exc.request_id
+        rate = self.handler.settings.max_requests_per_second
+        return ProtocolError(protocol.SERVER_BUSY,
+                             f"Rate limited: more than {rate:g} requests per second on this connection",
+                             {"retry_after": wait, "max_requests_per_second": rate}, request_id)
+
+    def check_execute(self, request: protocol.Request, spec: protocol.ExecuteSpec) -> None:
+        """The daemon's policy and limits for a new job, before it is submitted."""
+        settings = self.handler.settings
+        if settings.max_stdin_bytes and spec.stdin is not None \
+                and len(spec.stdin.encode("utf-8", "surrogatepass")) > settings.max_stdin_bytes:
+            raise ProtocolError(protocol.INVALID_PARAMS,
+                                f"Invalid params: 'stdin' is larger than max_stdin_bytes ({settings.max_stdin_bytes} bytes)",
+                                {"param": "stdin", "max_stdin_bytes": settings.max_stdin_bytes}, request.id)
+        refusal = (self.handler.command_policy.check(spec.command, spec.argv)
+                   or policy.client_env_refusal(spec.env, settings.env_client_allow))
+        if refusal is not None:
+            logs.event(log, "policy.refused", logging.WARNING, client=self.client, token=self.token_name,
+                       **{k: v for k, v in refusal.data.items() if k in ("executable", "reason", "env")})
+            raise ProtocolError(protocol.NOT_ALLOWED, refusal.message, refusal.data, request.id)
+        limit = settings.max_jobs_per_connection
+        if limit:
+            unfinished = sum(1 for j in self.jobs.values()
+                             if j.submit is not None and not j.finished and j.final is None)
+            if unfinished >= limit:
+                raise ProtocolError(protocol.SERVER_BUSY,
+                                    f"Server busy: this connection has {unfinished} unfinished jobs "
+                                    f"(max_jobs_per_connection {limit})",
+                                    {"retry_after": JOB_LIMIT_RETRY_AFTER, "unfinished": unfinished,
+                                     "max_jobs_per_connection": limit}, request.id)
+
     async def dispatch(self, request: protocol.Request) -> None:
         method = request.method
         if method == "execute":
-            self.execute(request, protocol.parse_execute(request))
+            spec = protocol.parse_execute(request)
+            self.check_execute(request, spec)
+            self.execute(request, spec)
         elif method == "control":
             spec = protocol.parse_control(request)
             asyncio.get_running_loop().create_task(self.control(request, spec))
@@ -311,6 +358,8 @@ class Session:
             after = previous.job_id if previous is not None and not previous.finished else None
         submit = {"job_id": job_id, "spec": spec.to_dict(), "after": after,
                   "client": self.client, "session": self.session_id}
+        if self.token_name is not None:
+            submit["token"] = self.token_name
         job = JobStream(self, job_id, spec.stream_mode, request_id=request.id, has_id=request.has_id,
                         submit=submit)
         self.jobs[job_id] = job
@@ -379,7 +428,10 @@ class Session:
             await self.reply(request, {"status": result["status"], "job_id": job.job_id})
             job.on_control(result["status"])
         except ProtocolError as exc:
-            await self.send(exc.to_message())
+            try:
+                await self.send(exc.to_message())
+            except ConnectionClosed:  # the client left meanwhile: nobody to tell
+                pass
         except ConnectionClosed:
             pass
 
@@ -398,6 +450,14 @@ class Handler:
         self.started = time.time()
         self.io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="journal-read")
         self.stopping = asyncio.Event()
+        self.command_policy = policy.CommandPolicy(settings.command_allow, settings.command_deny,
+                                                   settings.allow_shell)
+        self.tokens: policy.Tokens = policy.Tokens()  # loaded in run(); empty refuses everyone
+        self.token_key: object = None
+        # WebSocket handshakes let through, until their connection closes: (address, token name)
+        self.admitted: dict[ServerConnection, tuple[str, str | None]] = {}
+        self.per_address: Counter[str] = Counter()
+        self.releases: set[asyncio.Task] = set()  # one per admitted connection, until it closes
 
     # -- broker link
 
@@ -481,7 +541,10 @@ class Handler:
 
     async def heartbeat_loop(self) -> None:
         while True:
-            self.to_broker(bus.HEARTBEAT, {"connections": len(self.sessions)})
+            header = {"connections": len(self.sessions)}
+            if self.settings.max_sessions_per_address:  # for the pool-wide count per address
+                header["addresses"] = dict(self.per_address)
+            self.to_broker(bus.HEARTBEAT, header)
             await asyncio.sleep(bus.HEARTBEAT_INTERVAL)
 
     def broker_alive(self) -> bool:
@@ -504,10 +567,63 @@ class Handler:
         reported = self.stats.get("connections", 0)
         return max(len(self.sessions), reported)
 
+    def address_sessions(self, address: str) -> int:
+        """Connections from one address: this handler's, plus the others' as of the broker's last count."""
+        elsewhere = self.stats.get("addresses_elsewhere") or {}
+        return self.per_address[address] + int(elsewhere.get(address, 0))
+
+    def admit(self, connection: ServerConnection, request: HttpRequest) -> HttpResponse | None:
+        """A WebSocket handshake: origin, token, per-address limit (None: let it through)."""
+        peer = connection.remote_address
+        address = str(peer[0]) if peer else "-"
+        client = "%s:%s" % peer[:2] if peer else "-"
+        origins = request.headers.get_all("Origin")
+        if len(origins) > 1 or not policy.origin_allowed(origins[0] if origins else None,
+                                                         self.settings.allowed_origins):
+            logs.event(log, "handshake.refused", logging.WARNING, client=client, status=403,
+                       reason="origin not allowed", origin=" ".join(origins)[:200])
+            return json_response(http.HTTPStatus.FORBIDDEN, {"error": "origin not allowed"})
+        token_name = None
+        if self.settings.token_file:
+            authorization = request.headers.get_all("Authorization")
+            presented = policy.bearer_token(authorization[0]) if len(authorization) == 1 else None
+            token_name = self.tokens.match(presented)
+            if token_name is None:
+                logs.event(log, "auth.refused", logging.WARNING, client=client, status=401,
+                           reason="no bearer token" if not authorization else "wrong token")
+                response = json_response(http.HTTPStatus.UNAUTHORIZED, {"error": "unauthorized"})
+                response.headers["WWW-Authenticate"] = 'Bearer realm="ccexec"'
+                return response
+            logs.event(log, "auth.accepted", client=client, token=token_name)
+        limit = self.settings.max_sessions_per_address
+        if limit and self.address_sessions(address) >= limit:
+            logs.event(log, "handshake.refused", logging.WARNING, client=client, status=503,
+                       reason="max_sessions_per_address", limit=limit)
+            response = json_response(http.HTTPStatus.SERVICE_UNAVAILABLE, {
+                "error": "too many connections from this address", "max_sessions_per_address": limit})
+            response.headers["Retry-After"] = "1"
+            return response
+        self.admitted[connection] = (address, token_name)
+        self.per_address[address] += 1
+        task = asyncio.get_running_loop().create_task(self.release(connection, address))
+        self.releases.add(task)
+        task.add_done_callback(self.releases.discard)
+        return None
+
+    async def release(self, connection: ServerConnection, address: str) -> None:
+        """Forget an admitted connection once it is closed (or its handshake failed)."""
+        try:
+            await connection.wait_closed()
+        finally:
+            self.admitted.pop(connection, None)
+            self.per_address[address] -= 1
+            if self.per_address[address] <= 0:
+                del self.per_address[address]
+
     def process_request(self, connection: ServerConnection, request: HttpRequest) -> HttpResponse | None:
         path = request.path.split("?", 1)[0]
         if path in WS_PATHS:
-            return None
+            return self.admit(connection, request)
         if path == "/health":
             return json_response(http.HTTPStatus.OK, self.health())
         if path == "/ready":
@@ -567,13 +683,50 @@ class Handler:
         """Stop gracefully: accept nothing more (the other handlers, sharing the
         socket, take new connections), let handshakes in flight complete, then
         close every connection with 1012 so clients reconnect and attach."""
-        server.close(close_connections=False)
+        # Close the listening socket only: websockets' own close() would answer
+        # a handshake still in flight here with 503 "shutting down".
+        server.server.close()
         logs.event(log, "handler.stopping", pid=os.getpid(), connections=len(self.sessions))
         await asyncio.sleep(HANDSHAKE_GRACE)
         closing = [asyncio.ensure_future(s.ws.close(CLOSE_SERVICE_RESTART, "service restart"))
                    for s in list(self.sessions)]
         if closing:
             await asyncio.wait(closing, timeout=CLOSE_TIMEOUT)
+
+    # -- tokens: the file is checked for changes off the loop
+
+    async def load_tokens(self) -> None:
+        """(Re)load the token file if it changed; an unusable file refuses everyone."""
+        path = self.settings.token_file
+        loop = asyncio.get_running_loop()
+        key = await loop.run_in_executor(self.io, policy.token_file_key, path)
+        if key == self.token_key and self.token_key is not None:
+            return
+        self.token_key = key
+        try:
+            tokens = await loop.run_in_executor(self.io, policy.read_token_file, path)
+        except policy.PolicyError as exc:
+            self.tokens = policy.Tokens()
+            logs.event(log, "auth.token_file_unusable", logging.ERROR, error=exc, effect="every handshake refused")
+            return
+        self.tokens = tokens
+        logs.event(log, "auth.tokens_loaded", tokens=len(tokens), names=",".join(tokens.by_name))
+
+    async def token_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TOKEN_CHECK_INTERVAL)
+            try:
+                await self.load_tokens()
+            except Exception as exc:  # never let the check die: the tokens loaded stay
+                logs.event(log, "auth.token_check_failed", logging.WARNING, error=exc)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if not self.settings.tls_cert:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
+        return context
 
     async def run(self, fd: int) -> None:
         loop = asyncio.get_running_loop()
@@ -585,9 +738,14 @@ class Handler:
                       loop.create_task(self.heartbeat_loop())]
         if self.settings.watchdog_port:
             background.append(loop.create_task(WatchdogPulse(self.settings.watchdog_port).run()))
+        if self.settings.token_file:
+            await self.load_tokens()
+            background.append(loop.create_task(self.token_loop()))
         self.register()
         async with serve(self.on_connection, sock=listener, process_request=self.process_request,
                          max_size=self.settings.max_frame_bytes, ping_interval=20, ping_timeout=20,
+                         ssl=self.tls_context(),
+                         compression=None,  # loopback and LAN: deflate costs far more CPU than it saves
                          server_header=f"ccexec/{__version__}") as server:
             logs.event(log, "handler.started", pid=os.getpid())
             await self.stopping.wait()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,6 +194,18 @@ def execute_result(status: str, job_id: str, pid: int | None = None,
 
 # ----------------------------------------------------------------- parsing
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _utf8_clean(message: Any) -> bool:
+    """Whether every string of a parsed message is encodable as UTF-8."""
+    try:
+        json.dumps(message, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_frame(frame: str | bytes) -> Request:
     """Turn one WebSocket frame into a Request, or raise ProtocolError."""
     if isinstance(frame, (bytes, bytearray, memoryview)):
@@ -201,6 +214,10 @@ def parse_frame(frame: str | bytes) -> Request:
         message = json.loads(frame)
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(PARSE_ERROR, f"Parse error: {exc}"[:300]) from None
+    if "\\u" in frame and _SURROGATE_ESCAPE.search(frame) and not _utf8_clean(message):
+        # A lone UTF-16 surrogate escape decodes to a string no UTF-8 text can
+        # carry: echoing it (an id, a method name) would break the answer.
+        raise ProtocolError(INVALID_REQUEST, "Invalid Request: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
     if not isinstance(message, dict):
         raise ProtocolError(INVALID_REQUEST, "Invalid Request: a request must be a JSON object")
     has_id = "id" in message
