@@ -70,7 +70,7 @@ class Broker:
     def __init__(self, settings: config.Settings, ctx: zmq.Context):
         self.settings = settings
         self.frontend = self._bind(ctx, bus.frontend_endpoint(settings.run_dir))
-        self.data = self._bind(ctx, bus.handler_data_endpoint(settings.run_dir))  # OUTPUT to handlers
+        self.data = self._bind(ctx, bus.handler_data_endpoint(settings.run_dir), bus.DATA_HIGH_WATER_MARK)
         self.backend = self._bind(ctx, bus.backend_endpoint(settings.run_dir))
         self.handlers: dict[bytes, Peer] = {}
         self.executors: dict[bytes, Peer] = {}
@@ -99,9 +99,9 @@ class Broker:
         self.pulse = WatchdogPulse(settings.watchdog_port) if settings.watchdog_port else None
 
     @staticmethod
-    def _bind(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    def _bind(ctx: zmq.Context, endpoint: str, hwm: int = bus.HIGH_WATER_MARK) -> zmq.Socket:
         sock = ctx.socket(zmq.ROUTER)
-        bus.tune(sock)
+        bus.tune(sock, hwm)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         path = endpoint[len("ipc://"):]
         if os.path.exists(path):  # left by a killed broker; the arbiter owns the run dir

@@ -46,7 +46,8 @@ REREGISTER = b"REREGISTER"  # broker to an unknown peer: send READY again
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats on both faces
 HEARTBEAT_LIVENESS = 3    # missed heartbeats before a peer counts as dead
-HIGH_WATER_MARK = 1000    # queued messages per peer (output: up to 64 KiB each) before EAGAIN
+HIGH_WATER_MARK = 1000    # queued messages per peer before EAGAIN
+DATA_HIGH_WATER_MARK = 64  # data plane: up to 64 KiB each, so at most 4 MiB queued per side
 
 
 def pack(kind: bytes, header: dict, *payload: bytes) -> list[bytes]:
@@ -79,17 +80,17 @@ def peer_identity(role: str) -> bytes:
     return f"{role}-{os.getpid()}".encode()
 
 
-def tune(sock: zmq.Socket) -> None:
+def tune(sock: zmq.Socket, hwm: int = HIGH_WATER_MARK) -> None:
     """Options every ccexec ZeroMQ socket shares."""
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
-    sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
 
 
-def dealer(ctx: zmq.Context, role: str, endpoint: str) -> zmq.Socket:
+def dealer(ctx: zmq.Context, role: str, endpoint: str, hwm: int = HIGH_WATER_MARK) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, peer_identity(role))
-    tune(sock)
+    tune(sock, hwm)
     sock.connect(endpoint)
     return sock
 

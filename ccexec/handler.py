@@ -41,6 +41,9 @@ INLINE_LIMIT = 4 << 20  # bytes of live output held per stream before the journa
 HANDSHAKE_GRACE = 0.5  # seconds a stopping handler gives handshakes it accepted to complete
 CLOSE_TIMEOUT = 3.0
 CLOSE_SERVICE_RESTART = 1012
+# A send to a client that keeps up never suspends: after this many messages
+# a pump lets handshakes and other connections have the loop.
+YIELD_EVERY = 32
 BROKER_TIMEOUT = 10.0  # seconds to wait for the broker (and executor) to answer a request
 CHUNK_FLUSH_DELAY = 0.05  # seconds of quiet before "chunks" mode sends a partial line
 HOOK_STATUS = {"enabled": False, "hooks_configured": []}
@@ -195,8 +198,11 @@ class JobStream:
             if not chunk:
                 return
             state.delivered += len(chunk)
-            for piece in state.splitter.feed(chunk):
+            for count, piece in enumerate(state.splitter.feed(chunk), 1):
                 await self.session.send(protocol.process_output(self.job_id, stream, piece))
+                if count % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+            await asyncio.sleep(0)
 
     async def complete(self) -> None:
         final = self.final
@@ -441,7 +447,8 @@ class Handler:
         self.settings = settings
         self.ctx = zmq.asyncio.Context()
         self.broker = bus.dealer(self.ctx, "handler", bus.frontend_endpoint(settings.run_dir))
-        self.data = bus.dealer(self.ctx, "handler", bus.handler_data_endpoint(settings.run_dir))
+        self.data = bus.dealer(self.ctx, "handler", bus.handler_data_endpoint(settings.run_dir),
+                               bus.DATA_HIGH_WATER_MARK)
         self.sessions: set[Session] = set()
         self.followers: dict[str, set[JobStream]] = {}
         self.asked: dict[str, asyncio.Future] = {}  # broker answers awaited, by ref

@@ -16,7 +16,7 @@ import re
 from ccexec.protocol import STREAMS
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-READ_BLOCK = 1 << 20  # bytes read from a journal at a time
+READ_BLOCK = 256 << 10  # bytes read from a journal at a time (about 3,000 lines of output)
 
 
 def job_dir(jobs_dir: str, job_id: str) -> str:

@@ -394,26 +394,39 @@ async def handshake_latencies(url: str, probes: int) -> list[float]:
     return latencies
 
 
-async def stop_load(load: list[asyncio.Future]) -> None:
+def start_load(kind: str, url: str, command: str, count: int) -> list[subprocess.Popen]:
+    """Streaming clients in processes of their own, so that the probe's
+    latency is the server's and not this process's busy event loop."""
+    return [subprocess.Popen([sys.executable, __file__, "--stream-load", kind, url, command],
+                             stdout=subprocess.DEVNULL) for _ in range(count)]
+
+
+async def stop_load(load: list[subprocess.Popen]) -> None:
     """The probes are done: the streams only had to run meanwhile."""
-    for task in load:
-        task.cancel()
-    await asyncio.gather(*load, return_exceptions=True)
+    for proc in load:
+        proc.terminate()
+    for proc in load:
+        await asyncio.to_thread(proc.wait, 10)
+
+
+def stream_load(kind: str, url: str, command: str) -> None:
+    asyncio.run(ccexec_job(url, command) if kind == "ccexec" else websocketd_oneshot(url))
 
 
 async def w5(sizes: Sizes, runs: int, res: Results, tmp: Path, websocketd: bool) -> None:
     command = base64_command(sizes.w2_raw_bytes, 76)
     for _ in range(runs):
         async with CcexecServer(tmp) as server:
-            load = [asyncio.ensure_future(ccexec_job(server.url, command)) for _ in range(sizes.w5_streamers)]
+            load = start_load("ccexec", server.url, command, sizes.w5_streamers)
+            await asyncio.sleep(0.5)  # let the streams get going before probing
             lat = await handshake_latencies(server.url, sizes.w5_probes)
             await stop_load(load)
             record(res, "W5 handshake under load", "p50 ms", "ccexec", percentile(lat, 0.5) * 1000, "lower")
             record(res, "W5 handshake under load", "p99 ms", "ccexec", percentile(lat, 0.99) * 1000, "lower")
         if websocketd:
             async with WebsocketdServer(["sh", "-c", command]) as wsd:
-                load = [asyncio.ensure_future(websocketd_oneshot(wsd.url)) for _ in range(sizes.w5_streamers)]
-                await asyncio.sleep(0.2)  # let the streams start before probing
+                load = start_load("websocketd", wsd.url, command, sizes.w5_streamers)
+                await asyncio.sleep(0.5)  # let the streams get going before probing
                 async with WebsocketdServer(["true"]) as probe_target:
                     lat = await handshake_latencies(probe_target.url, sizes.w5_probes)
                 await stop_load(load)
@@ -482,7 +495,11 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated subset of W1,W2,W4,W5,IDLE (W2 includes W3)")
     parser.add_argument("--json", default="bench-results.json", help="where to write the JSON results")
     parser.add_argument("--no-websocketd", action="store_true", help="skip the websocketd baseline")
+    parser.add_argument("--stream-load", nargs=3, metavar=("KIND", "URL", "COMMAND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.stream_load:  # W5's load generator, one streaming client per process
+        stream_load(*args.stream_load)
+        return
     res = asyncio.run(main_async(args))
     print("\n".join(ratio_rows(res)))
     for note in res.notes:
