@@ -4,7 +4,7 @@ A `kill -9` of the arbiter orphans its children: handlers still hold the
 port, executors still run jobs. A new `ccexecd` ends them itself (they are
 ccexec processes of this user, identified by their command line and the
 config they run with), then kills the process groups of jobs whose records
-say they were running, and marks those jobs lost. No manual pkill or lsof.
+say they were running, and marks those jobs lost: no manual cleanup.
 """
 
 from __future__ import annotations
