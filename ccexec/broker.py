@@ -52,7 +52,6 @@ class Peer:
 class Job:
     job_id: str
     spec: dict
-    owner: bytes | None
     client: str | None = None
     after: str | None = None
     state: str = "queued"  # held | queued | dispatched | running | finished
@@ -293,7 +292,7 @@ class Broker:
                 "message": f"Server busy: {waiting} jobs already wait in the queue",
                 "data": {"retry_after": retry_after, "queued": waiting}})
             return
-        job = Job(job_id, bus.header_field(header, "spec", dict), identity,
+        job = Job(job_id, bus.header_field(header, "spec", dict),
                   client=header.get("client"), after=header.get("after"))
         job.subscribers.add(identity)
         self.jobs[job_id] = job
@@ -378,7 +377,7 @@ class Broker:
         job_id = running["job_id"]
         job = self.jobs.get(job_id) or self.claim(job_id)
         if job is None:
-            job = Job(job_id, running.get("spec", {}), None)
+            job = Job(job_id, running.get("spec", {}))
             self.jobs[job_id] = job
         if job_id in self.queue:
             self.queue.remove(job_id)
@@ -411,7 +410,7 @@ class Broker:
         record = self.unclaimed.pop(job_id, None)
         if record is None:
             return None
-        job = Job(job_id, {}, None, state=record["state"], pid=record["pid"], pgid=record["pgid"],
+        job = Job(job_id, {}, state=record["state"], pid=record["pid"], pgid=record["pgid"],
                   created_at=record["created_at"], started_at=record["started_at"])
         job.subscribers = self.waiting_subscribers.pop(job_id, set())
         self.jobs[job_id] = job

@@ -42,7 +42,6 @@ USAGE_LIMIT_TEXT = "Claude AI usage limit reached"
 EVENT = "claude.event"
 RATE_LIMIT = "error.rate_limit_exceeded"
 TOKEN_LIMIT = "error.token_limit_exceeded"
-METHODS = (EVENT, RATE_LIMIT, TOKEN_LIMIT)
 
 USAGE_KEYS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
@@ -219,7 +218,7 @@ class Notice:
     """A notification for the job's clients, due once stdout up to `stdout_end` is sent."""
 
     stdout_end: int
-    method: str  # one of METHODS
+    method: str  # EVENT, RATE_LIMIT or TOKEN_LIMIT (protocol.CLAUDE_METHODS)
     params: dict  # without job_id: the handler adds it
     quiet_for: float | None = None  # seconds of silence that are no stall from now on
 

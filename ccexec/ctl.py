@@ -384,9 +384,6 @@ def reload(ctx: click.Context) -> None:
          lambda d: click.echo(f"reloaded: {d['handlers']} handlers, {d['executors']} executors"))
 
 
-JOB_COLUMNS = ("job_id", "state", "exit_code", "reason", "created_at", "command")
-
-
 def _age(timestamp: float | None) -> str:
     if not timestamp:
         return "-"

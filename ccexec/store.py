@@ -15,8 +15,6 @@ import time
 
 from ccexec.journal import job_dir
 
-FIELDS = ("job_id", "name", "command", "state", "pid", "pgid", "exit_code", "reason", "error",
-          "client", "created_at", "started_at", "finished_at", "stdout_bytes", "stderr_bytes")
 PUBLIC = ("job_id", "name", "command", "state", "pid", "exit_code", "reason", "error", "created_at",
           "started_at", "finished_at", "stdout_bytes", "stderr_bytes")
 PRUNE_BATCH = 200  # journals removed per pass, so one pass never blocks for long
