@@ -21,7 +21,7 @@ import sys
 import click
 import psutil
 
-from ccexec import __version__, config, leftovers, logs, policy
+from ccexec import __version__, config, leftovers, logs, policy, remote
 from ccexec.systemd import SystemdNotify
 
 log = logging.getLogger("ccexec.arbiter")
@@ -64,7 +64,8 @@ def recover(settings: config.Settings, effective_config: str) -> None:
     if stale:
         leftovers.end_stale_processes(stale)
     leftovers.reap_orphan_jobs(settings)
-    check_port_free(settings.host, settings.port)
+    if not settings.remote:
+        check_port_free(settings.host, settings.port)
 
 
 def free_udp_port() -> int:
@@ -78,12 +79,16 @@ def resolve(config_file: str | None, **overrides) -> tuple[config.Settings, conf
     ini = config.read_ini(config_file)
     config.apply_overrides(ini, **overrides)
     settings = config.settings_from_ini(ini)
+    if settings.remote:  # an executor node: executors only, no port, no broker of its own
+        for section in (config.SOCKET_SECTION, "watcher:broker", "watcher:handler"):
+            ini.remove_section(section)
     if settings.watchdog_port == 0:
         ini.set("ccexec", "watchdog_port", str(free_udp_port()))
     ini.set("ccexec", "state_dir", settings.state_dir)
     ini.set("ccexec", "workdir", settings.workdir)
     ini.set("circus", "loglevel", settings.log_level)
-    for key in ("token_file", "tls_cert", "tls_key"):  # absolute, whatever the children's cwd
+    for key in ("token_file", "tls_cert", "tls_key", "curve_secret_key", "curve_server_key", "curve_clients"):
+        # absolute, whatever the children's cwd
         ini.set("ccexec", key, getattr(settings, key))
     cap_rlimits(ini)
     if settings.log_dir:
@@ -127,6 +132,7 @@ def check_security(settings: config.Settings) -> None:
         raise config.ConfigError(
             f"refusing to listen on {settings.host or 'every address'} without authentication: "
             "set [ccexec] token_file (bearer tokens), or bind to loopback (127.0.0.1, ::1, localhost)")
+    remote.check_keys(settings)
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise config.ConfigError("[ccexec] tls_cert and tls_key go together: set both or neither")
     if settings.tls_cert:
@@ -140,6 +146,8 @@ def log_to_files(ini: configparser.ConfigParser, settings: config.Settings) -> N
     """Each watcher's stderr into a size-rotated file (a Circus stream)."""
     for watcher in config.WATCHERS:
         section = f"watcher:{watcher}"
+        if not ini.has_section(section):  # an executor node runs executors only
+            continue
         ini.set(section, "stderr_stream.class", "FileStream")
         ini.set(section, "stderr_stream.filename", os.path.join(settings.log_dir, f"{watcher}.log"))
         ini.set(section, "stderr_stream.max_bytes", str(settings.log_max_bytes))
@@ -214,11 +222,15 @@ def run_circus(path: str, settings: config.Settings) -> int:
 @click.option("--executors", type=click.IntRange(1, 256), help="Executor processes.")
 @click.option("--state-dir", type=click.Path(file_okay=False), help="Journals, run directory, records.")
 @click.option("--log-level", type=click.Choice(config.LOG_LEVELS, case_sensitive=False))
+@click.option("--role", type=click.Choice(config.ROLES),
+              help="head (default): the whole daemon; executor: an executor-only node of the head at --broker.")
+@click.option("--broker", metavar="tcp://HOST:PORT", help="The head's remote_listen endpoint (executor nodes).")
 @click.version_option(__version__, prog_name="ccexecd")
-def main(config_file, host, port, handlers, executors, state_dir, log_level) -> None:
+def main(config_file, host, port, handlers, executors, state_dir, log_level, role, broker) -> None:
     """Run the ccexec daemon in the foreground."""
     overrides = {k: v for k, v in dict(host=host, port=port, handlers=handlers, executors=executors,
-                                       state_dir=state_dir, log_level=log_level and log_level.lower()).items()
+                                       state_dir=state_dir, log_level=log_level and log_level.lower(),
+                                       role=role, broker=broker).items()
                  if v is not None}
     try:
         settings, ini = resolve(config_file, **overrides)
@@ -233,8 +245,10 @@ def main(config_file, host, port, handlers, executors, state_dir, log_level) -> 
     except (config.ConfigError, PortHeld, leftovers.DaemonRunning) as exc:
         click.echo(f"ccexecd: {exc}", err=True)
         sys.exit(2 if isinstance(exc, config.ConfigError) else 1)
-    logs.event(log, "daemon.starting", version=__version__, pid=os.getpid(),
-               listen=f"{settings.host}:{settings.port}", handlers=settings.handlers,
+    logs.event(log, "daemon.starting", version=__version__, pid=os.getpid(), role=settings.role,
+               **({"broker": settings.broker} if settings.remote else
+                  {"listen": f"{settings.host}:{settings.port}", "handlers": settings.handlers,
+                   "remote_listen": settings.remote_listen or None}),
                executors=settings.executors, state_dir=settings.state_dir)
     status = run_circus(path, settings)
     logs.event(log, "daemon.stopped", pid=os.getpid(), status=status)

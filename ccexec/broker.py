@@ -10,6 +10,7 @@ they still wait for (both on REREGISTER).
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import os
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from ccexec import bus, config, logs, protocol, store
+from ccexec import bus, config, logs, protocol, remote, store
+from ccexec.journal import JournalReplica
 from ccexec.liveness import WatchdogPulse
 from ccexec.metrics import PoolMetrics
 
@@ -32,6 +34,8 @@ PEER_TIMEOUT = bus.HEARTBEAT_INTERVAL * bus.HEARTBEAT_LIVENESS
 SETTLE_TIME = PEER_TIMEOUT
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 STOP_MARGIN = 3.0  # seconds past kill_grace a stopping broker waits for executors' last reports
+REGISTER_ASK_INTERVAL = 1.0  # seconds
+MAX_RESENDS = 5  # times a remote job's missing output is asked for again before its record is closed
 
 
 @dataclass
@@ -42,10 +46,25 @@ class Peer:
     jobs: set[str] = field(default_factory=set)
     connections: int = 0
     addresses: dict[str, int] = field(default_factory=dict)  # a handler's connections by client address
+    sock: zmq.Socket | None = None  # the face an executor is reached on
+    remote: bool = False  # an executor on another host (its pids are not ours to kill)
+    node: str = ""
+    pid: int | None = None
+    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def free(self) -> int:
         return self.capacity - len(self.jobs)
+
+    def can_run(self, spec: dict) -> bool:
+        """Has a free slot and every label the job asks for."""
+        wanted = spec.get("labels") or {}
+        return self.free > 0 and all(self.labels.get(k) == v for k, v in wanted.items())
+
+    def describe(self, now: float) -> dict:
+        return {"id": self.identity.decode(errors="replace"), "node": self.node, "pid": self.pid,
+                "remote": self.remote, "capacity": self.capacity, "running": len(self.jobs),
+                "labels": self.labels, "last_heartbeat": round(now - self.last_seen, 1)}
 
 
 @dataclass
@@ -63,6 +82,10 @@ class Job:
     subscribers: set[bytes] = field(default_factory=set)
     grace_deadline: float | None = None
     position: int | None = None
+    remote: bool = False  # runs on an executor node; its output is replicated here
+    replica: JournalReplica | None = None
+    resend_asked: dict[str, int] = field(default_factory=dict)  # stream -> replica size when asked
+    resends: int = 0
 
 
 class Broker:
@@ -71,6 +94,7 @@ class Broker:
         self.frontend = self._bind(ctx, bus.frontend_endpoint(settings.run_dir))
         self.data = self._bind(ctx, bus.handler_data_endpoint(settings.run_dir), bus.DATA_HIGH_WATER_MARK)
         self.backend = self._bind(ctx, bus.backend_endpoint(settings.run_dir))
+        self.remote = remote.RemoteFace(ctx, settings) if settings.remote_listen else None
         self.handlers: dict[bytes, Peer] = {}
         self.executors: dict[bytes, Peer] = {}
         self.jobs: dict[str, Job] = {}
@@ -84,6 +108,7 @@ class Broker:
         self.queue: deque[str] = deque()
         self.held: dict[str, list[str]] = {}  # predecessor -> jobs sequenced after it
         self.pending_controls: dict[str, bytes] = {}  # control ref -> handler
+        self.register_asked: dict[bytes, float] = {}  # unknown peer -> when it was last asked to register
         self.timers: list[tuple[float, str, str]] = []  # (deadline, kind, job_id)
         self.metrics = PoolMetrics()
         # Circus's event stream: every process exit, for the restart counters.
@@ -115,12 +140,17 @@ class Broker:
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         poller.register(self.circus_events, zmq.POLLIN)
+        if self.remote:
+            poller.register(self.remote.sock, zmq.POLLIN)
+            on_remote_message = functools.partial(self.on_executor_message, face=self.remote.sock)
         logs.event(log, "broker.started", pid=os.getpid())
         while self.running or not self.drained():
             timeout = max(0.0, min(self.next_heartbeat, self._next_timer()) - time.monotonic())
             events = dict(poller.poll(timeout * 1000))
             if self.backend in events:
                 self._drain(self.backend, self.on_executor_message)
+            if self.remote and self.remote.sock in events:
+                self._drain(self.remote.sock, on_remote_message)
             if self.frontend in events:
                 self._drain(self.frontend, self.on_handler_message)
             if self.circus_events in events:
@@ -132,6 +162,10 @@ class Broker:
             self.publish_positions()
             if self.pulse:
                 self.pulse.beat_if_due()
+            if self.remote:
+                self.remote.allowed.reload_if_changed()
+        if self.remote:
+            self.remote.close()
         self.store.close()
         logs.event(log, "broker.stopped", pid=os.getpid())
 
@@ -196,14 +230,27 @@ class Broker:
             logs.event(log, "broker.handler_unreachable", logging.WARNING,
                        handler=identity.decode(errors="replace"), message=kind.decode())
 
+    def ask_to_register(self, face: zmq.Socket, identity: bytes) -> None:
+        """An unknown peer (this broker restarted, or it was given up for
+        lost) sends READY again; asked once a second, however much it sends."""
+        now = time.monotonic()
+        if now - self.register_asked.get(identity, -REGISTER_ASK_INTERVAL) < REGISTER_ASK_INTERVAL:
+            return
+        if len(self.register_asked) > 10_000:  # peers that never answered
+            self.register_asked.clear()
+        self.register_asked[identity] = now
+        self._send(face, identity, bus.pack(bus.REREGISTER, {}))
+
     def to_subscribers(self, job: Job, kind: bytes, header: dict, *payload: bytes) -> None:
         frames = bus.pack(kind, header, *payload)
         sock = self.data if kind == bus.OUTPUT else self.frontend
         for identity in list(job.subscribers):
             self._send(sock, identity, frames)
 
-    def to_executor(self, identity: bytes, kind: bytes, header: dict) -> bool:
-        return self._send(self.backend, identity, bus.pack(kind, header))
+    def to_executor(self, identity: bytes, kind: bytes, header: dict, face: zmq.Socket | None = None) -> bool:
+        peer = self.executors.get(identity)
+        sock = face or (peer.sock if peer is not None else self.backend)
+        return self._send(sock, identity, bus.pack(kind, header))
 
     # ------------------------------------------------------------ handlers
 
@@ -213,7 +260,7 @@ class Broker:
             self.register_handler(identity, header)
             return
         if peer is None:
-            self.to_handler(identity, bus.REREGISTER, {})
+            self.ask_to_register(self.frontend, identity)
             return
         peer.last_seen = time.monotonic()
         if kind == bus.HEARTBEAT:
@@ -335,18 +382,22 @@ class Broker:
 
     # ------------------------------------------------------------ executors
 
-    def on_executor_message(self, identity: bytes, kind: bytes, header: dict, payload: list[bytes]) -> None:
+    def on_executor_message(self, identity: bytes, kind: bytes, header: dict, payload: list[bytes],
+                            face: zmq.Socket | None = None) -> None:
+        face = face or self.backend
         if kind == bus.READY:
-            self.register_executor(identity, header)
+            self.register_executor(identity, header, face)
             return
         peer = self.executors.get(identity)
         if peer is None:
-            self.to_executor(identity, bus.REREGISTER, {})
+            self.ask_to_register(face, identity)
             return
         peer.last_seen = time.monotonic()
         if kind == bus.OUTPUT:
             job = self.jobs.get(header.get("job_id"))
-            if job is not None:
+            if job is not None and peer.remote:
+                self.relay_replicated(peer, job, header, payload[0])
+            elif job is not None:
                 self.to_subscribers(job, bus.OUTPUT, header, *payload)
         elif kind == bus.STARTED:
             self.on_started(header)
@@ -355,26 +406,36 @@ class Broker:
             if job is not None:
                 self.to_subscribers(job, bus.CLAUDE_EVENT, header)
         elif kind == bus.COMPLETED:
-            self.on_completed(identity, header)
+            self.on_completed(peer, header)
         elif kind == bus.CONTROL_RESULT:
             handler = self.pending_controls.pop(str(header.get("ref", "")), None)
             if handler is not None:
                 self.to_handler(handler, bus.CONTROL_RESULT, header)
 
-    def register_executor(self, identity: bytes, header: dict) -> None:
-        peer = Peer(identity, time.monotonic(), capacity=int(header.get("capacity", 1)))
+    def register_executor(self, identity: bytes, header: dict, face: zmq.Socket) -> None:
+        labels = header.get("labels")
+        peer = Peer(identity, time.monotonic(), capacity=int(header.get("capacity", 1)), sock=face,
+                    remote=face is not self.backend, node=str(header.get("node") or ""),
+                    pid=header.get("pid"), labels=labels if isinstance(labels, dict) else {})
         self.executors[identity] = peer
         for running in header.get("jobs", []):
             self.adopt(peer, running)
         for completed in header.get("completed", []):
-            self.on_completed(identity, completed)
-        logs.event(log, "executor.registered", executor=identity.decode(),
-                   capacity=peer.capacity, running=len(peer.jobs))
+            self.on_completed(peer, completed)
+        logs.event(log, "executor.registered", executor=identity.decode(), node=peer.node or None,
+                   capacity=peer.capacity, running=len(peer.jobs),
+                   labels=" ".join(f"{k}={v}" for k, v in peer.labels.items()) or None)
+        self.pool_changed()
         self.dispatch()
 
     def adopt(self, peer: Peer, running: dict) -> None:
-        """A job an executor runs that this broker (restarted) did not know."""
+        """A job an executor runs that this broker (restarted) did not know,
+        or that a returning executor node still runs."""
         job_id = running["job_id"]
+        known = self.store.get(job_id) if job_id not in self.jobs else None
+        if known is not None and known["state"] == "finished":  # already ended here as lost: end it there too
+            self.to_executor(peer.identity, bus.CONTROL, {"job_id": job_id, "action": "CANCEL", "ref": ""})
+            return
         job = self.jobs.get(job_id) or self.claim(job_id)
         if job is None:
             job = Job(job_id, running.get("spec", {}))
@@ -382,7 +443,7 @@ class Broker:
         if job_id in self.queue:
             self.queue.remove(job_id)
         job.spec = job.spec or running.get("spec", {})
-        job.state, job.executor = "running", peer.identity
+        job.state, job.executor, job.remote = "running", peer.identity, peer.remote
         job.pid, job.pgid, job.started_at = running.get("pid"), running.get("pgid"), running.get("started_at")
         peer.jobs.add(job_id)
 
@@ -392,18 +453,63 @@ class Broker:
             return
         job.state, job.pid, job.pgid = "running", header.get("pid"), header.get("pgid")
         job.started_at = header.get("started_at")
-        self.store.started(job.job_id, job.pid, job.pgid, job.started_at)
+        node = self.executors[job.executor].node if job.remote and job.executor in self.executors else None
+        self.store.started(job.job_id, job.pid, job.pgid, job.started_at, node)
         self.metrics.job_started((job.started_at or time.time()) - job.created_at)
         logs.event(log, "job.started", job_id=job.job_id, pid=job.pid,
                    queue_wait=round(time.time() - job.created_at, 3))
         self.to_subscribers(job, bus.STARTED, header)
 
-    def on_completed(self, identity: bytes, header: dict) -> None:
+    def on_completed(self, peer: Peer, header: dict) -> None:
         job_id = bus.header_field(header, "job_id", str)
-        self.to_executor(identity, bus.COMPLETED_ACK, {"job_id": job_id})
         job = self.jobs.get(job_id) or self.claim(job_id)
+        if job is not None and peer.remote and not self.replica_complete(peer, job, header):
+            return  # no ack: the node sends COMPLETED again after the missing output
+        self.to_executor(peer.identity, bus.COMPLETED_ACK, {"job_id": job_id})
         if job is not None:
             self.finish(job, header)
+
+    # ------------------------------------------------------------ remote jobs' journals
+
+    def relay_replicated(self, peer: Peer, job: Job, header: dict, data: bytes) -> None:
+        """Output of a job on an executor node: into this host's journal first
+        (where handlers read it), then on to the subscribers."""
+        stream, offset = bus.header_field(header, "stream", str), bus.header_field(header, "offset", int)
+        if stream not in protocol.STREAMS:
+            raise ValueError(f"unknown stream {stream!r}")
+        if job.replica is None:
+            job.replica = JournalReplica(self.settings.jobs_dir, job.job_id)
+        accepted = job.replica.accept(stream, offset, data)
+        if accepted is None:  # a chunk was lost on the way: ask once per gap
+            if job.resend_asked.get(stream) != job.replica.sizes[stream]:
+                self.ask_resend(peer, job, stream)
+            return
+        offset, fresh = accepted
+        if fresh:
+            self.to_subscribers(job, bus.OUTPUT, {**header, "offset": offset}, fresh)
+
+    def ask_resend(self, peer: Peer, job: Job, stream: str) -> None:
+        job.resend_asked[stream] = job.replica.sizes[stream]
+        job.resends += 1
+        logs.event(log, "job.output_resend", logging.WARNING, job_id=job.job_id, stream=stream,
+                   offset=job.replica.sizes[stream], node=peer.node)
+        self.to_executor(peer.identity, bus.RESEND, {"job_id": job.job_id, "stream": stream,
+                                                     "offset": job.replica.sizes[stream]})
+
+    def replica_complete(self, peer: Peer, job: Job, completed: dict) -> bool:
+        """Whether this host's journal holds all a remote job wrote; if not, ask for the rest."""
+        if job.replica is None:
+            job.replica = JournalReplica(self.settings.jobs_dir, job.job_id)
+        short = [s for s in protocol.STREAMS if job.replica.sizes[s] < (completed.get(f"{s}_bytes") or 0)]
+        if short and job.resends < MAX_RESENDS:
+            for stream in short:
+                self.ask_resend(peer, job, stream)
+            return False
+        if short:
+            logs.event(log, "job.output_incomplete", logging.ERROR, job_id=job.job_id, node=peer.node,
+                       have=dict(job.replica.sizes))
+        job.replica.close()
+        return True
 
     def claim(self, job_id: str) -> Job | None:
         """Turn a record a previous broker left unfinished back into a job."""
@@ -411,7 +517,7 @@ class Broker:
         if record is None:
             return None
         job = Job(job_id, {}, state=record["state"], pid=record["pid"], pgid=record["pgid"],
-                  created_at=record["created_at"], started_at=record["started_at"])
+                  created_at=record["created_at"], started_at=record["started_at"], remote=bool(record["node"]))
         job.subscribers = self.waiting_subscribers.pop(job_id, set())
         self.jobs[job_id] = job
         return job
@@ -448,18 +554,23 @@ class Broker:
     def capacity(self) -> int:
         return sum(p.capacity for p in self.executors.values())
 
-    def _free_executor(self) -> Peer | None:
-        best = max(self.executors.values(), key=lambda p: p.free, default=None)
-        return best if best is not None and best.free > 0 else None
+    def _free_executor(self, spec: dict | None = None) -> Peer | None:
+        """The executor with the most free slots among those that can run spec."""
+        fit = [p for p in self.executors.values() if p.can_run(spec or {})]
+        return max(fit, key=lambda p: p.free, default=None)
 
     def dispatch(self) -> None:
-        """Start queued jobs, oldest first, on the least loaded executors."""
-        while self.queue and self.settled:
-            executor = self._free_executor()
-            if executor is None:
-                return
+        """Start queued jobs, oldest first, on the least loaded executors that
+        carry their labels; a job no free executor fits waits without holding
+        up the jobs behind it."""
+        waiting: list[str] = []
+        while self.queue and self.settled and self._free_executor() is not None:
             job = self.jobs.get(self.queue.popleft())
             if job is None or job.state != "queued":
+                continue
+            executor = self._free_executor(job.spec)
+            if executor is None:
+                waiting.append(job.job_id)
                 continue
             self.positions_dirty = True
             if not self.to_executor(executor.identity, bus.DISPATCH, {"job_id": job.job_id, "spec": job.spec}):
@@ -467,7 +578,9 @@ class Broker:
                 self.lose_executor(executor.identity, "unreachable")
                 continue
             job.state, job.executor, job.position = "dispatched", executor.identity, None
+            job.remote = executor.remote
             executor.jobs.add(job.job_id)
+        self.queue.extendleft(reversed(waiting))
 
     def publish_positions(self) -> None:
         """Tell waiting jobs their new place in the queue, once per loop turn."""
@@ -499,21 +612,31 @@ class Broker:
             else:
                 self.to_handler(identity, bus.HEARTBEAT, self.with_addresses_elsewhere(stats, identity))
 
+    def pool_changed(self) -> None:
+        """Executors came or went: every handler hears it on this loop turn,
+        so /ready never answers differently from one handler to the next."""
+        self.next_heartbeat = 0.0
+
     def lose_executor(self, identity: bytes, why: str) -> None:
-        """An executor died: its jobs end `lost`, their process groups killed."""
+        """An executor died or its node is cut off: its jobs end `lost`."""
         peer = self.executors.pop(identity, None)
         if peer is None:
             return
         logs.event(log, "executor.lost", logging.WARNING, executor=identity.decode(),
                    why=why, jobs=len(peer.jobs))
+        self.pool_changed()
         for job_id in list(peer.jobs):
             job = self.jobs.get(job_id)
             if job is not None:
-                self.lose(job, f"the executor running this job died ({why})")
+                self.lose(job, f"lost contact with executor node {peer.node} ({why})" if peer.remote
+                          else f"the executor running this job died ({why})")
 
     def lose(self, job: Job, why: str) -> None:
-        """End a job whose executor is gone; kill what is left of its group."""
-        if job.pgid:
+        """End a job whose executor is gone; kill what is left of its group
+        (here; an executor node ends its own jobs when it loses the head)."""
+        if job.replica is not None:
+            job.replica.close()
+        if job.pgid and not job.remote:
             try:
                 os.killpg(job.pgid, signal.SIGKILL)
             except OSError:
@@ -536,6 +659,7 @@ class Broker:
         if self.settled or time.monotonic() < self.settle_deadline:
             return
         self.settled = True
+        self.pool_changed()
         for job_id in list(self.unclaimed):
             self.lose(self.claim(job_id), "no executor or client claimed it after the broker restarted")
         self.dispatch()
@@ -594,6 +718,7 @@ class Broker:
             "running": sum(1 for s in states if s in ("running", "dispatched")),
             "queued": sum(1 for s in states if s in ("queued", "held")),
             "uptime": time.time() - self.started_at,
+            "executors": [p.describe(time.monotonic()) for p in self.executors.values()],
         }
 
 

@@ -34,13 +34,14 @@ QUERY_RESULT = b"QUERY_RESULT"  # {ref, record? | records? | error, code, comple
 # --- broker -> executor
 DISPATCH = b"DISPATCH"    # {job_id, spec}
 COMPLETED_ACK = b"COMPLETED_ACK"  # {job_id}
+RESEND = b"RESEND"        # {job_id, stream, offset}: to an executor node, output the head's replica lacks
 # --- executor -> broker (and forwarded to handlers)
 STARTED = b"STARTED"      # {job_id, pid, pgid, started_at}
 OUTPUT = b"OUTPUT"        # {job_id, stream, offset} + raw bytes frame
 COMPLETED = b"COMPLETED"  # {job_id, exit_code, reason, error, ..., claude?}
 CLAUDE_EVENT = b"CLAUDE_EVENT"  # {job_id, stdout_end, method, params}: due once stdout to stdout_end is sent
 # --- both directions, both faces
-READY = b"READY"          # register: {role, pid, capacity, jobs, connections}
+READY = b"READY"          # register: {role, pid, capacity, jobs, completed, node, labels} or {role, pid, jobs, connections}
 HEARTBEAT = b"HEARTBEAT"  # executor {running}, handler {connections}, broker -> handler: pool stats
 REREGISTER = b"REREGISTER"  # broker to an unknown peer: send READY again
 
@@ -76,8 +77,9 @@ def backend_endpoint(run_dir: str) -> str:
     return f"ipc://{os.path.join(run_dir, 'broker-executors.ipc')}"
 
 
-def peer_identity(role: str) -> bytes:
-    return f"{role}-{os.getpid()}".encode()
+def peer_identity(role: str, node: str = "") -> bytes:
+    """Unique among the broker's peers: role, node name for another host, pid."""
+    return f"{role}-{node + '-' if node else ''}{os.getpid()}".encode()
 
 
 def tune(sock: zmq.Socket, hwm: int = HIGH_WATER_MARK) -> None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import configparser
 import os
 import shlex
+import socket
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 SOCKET_SECTION = "socket:ccexec"
 WATCHERS = ("broker", "executor", "handler")
+ROLES = ("head", "executor")  # a whole daemon, or an executor-only node of a remote head
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -67,6 +69,20 @@ class Settings:
     request_burst: int = 0
     max_job_seconds: float = 0.0
     max_output_bytes: int = 0
+    # remote executors (docs: etc/ccexec.ini, [ccexec] "Remote executor nodes")
+    role: str = "head"
+    broker: str = ""
+    remote_listen: str = ""
+    curve_secret_key: str = ""
+    curve_server_key: str = ""
+    curve_clients: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    node_name: str = ""
+
+    @property
+    def remote(self) -> bool:
+        """An executor node: its broker is another host's."""
+        return self.role == "executor"
 
     @property
     def run_dir(self) -> str:
@@ -118,7 +134,7 @@ def read_ini(path: str | None) -> configparser.ConfigParser:
 
 def apply_overrides(ini: configparser.ConfigParser, *, host=None, port=None,
                     handlers=None, executors=None, state_dir=None,
-                    log_level=None) -> None:
+                    log_level=None, role=None, broker=None) -> None:
     """Command-line options win over the file."""
     for section in (SOCKET_SECTION, "ccexec", *(f"watcher:{w}" for w in WATCHERS)):
         if not ini.has_section(section):
@@ -128,20 +144,50 @@ def apply_overrides(ini: configparser.ConfigParser, *, host=None, port=None,
         ("watcher:handler", "numprocesses", handlers),
         ("watcher:executor", "numprocesses", executors),
         ("ccexec", "state_dir", state_dir), ("ccexec", "log_level", log_level),
+        ("ccexec", "role", role), ("ccexec", "broker", broker),
     ]
     for section, key, value in pairs:
         if value is not None:
             ini.set(section, key, str(value))
 
 
-def _env_pairs(text: str) -> dict[str, str]:
+def _pairs(text: str, key: str) -> dict[str, str]:
     pairs = {}
     for word in shlex.split(text):
         name, sep, value = word.partition("=")
         if not sep or not name:
-            raise ConfigError(f"env_set entries are NAME=VALUE, got {word!r}")
+            raise ConfigError(f"[ccexec] {key} entries are NAME=VALUE, got {word!r}")
         pairs[name] = value
     return pairs
+
+
+def _labels(text: str) -> dict[str, str]:
+    from ccexec.protocol import LABEL, MAX_LABELS
+
+    labels = _pairs(text, "labels")
+    bad = [f"{k}={v}" for k, v in labels.items() if not (LABEL.match(k) and LABEL.match(v))]
+    if bad or len(labels) > MAX_LABELS:
+        raise ConfigError(f"[ccexec] labels: up to {MAX_LABELS} NAME=VALUE pairs of letters, digits, "
+                          f"'_', '.', '-'; got {' '.join(bad) or text!r}")
+    return labels
+
+
+def check_remote(s: Settings) -> None:
+    """A remote link runs over TCP with CURVE only, and needs its keys."""
+    if s.role not in ROLES:
+        raise ConfigError(f"[ccexec] role must be one of {', '.join(ROLES)}, got {s.role!r}")
+    if s.role == "executor":
+        if not s.broker.startswith("tcp://"):
+            raise ConfigError("an executor node needs [ccexec] broker = tcp://HEAD:PORT (or --broker)")
+        if not (s.curve_secret_key and s.curve_server_key):
+            raise ConfigError("an executor node needs [ccexec] curve_secret_key (its own key pair's "
+                              ".key_secret file) and curve_server_key (the head's public .key file)")
+    if s.remote_listen:
+        if not s.remote_listen.startswith("tcp://"):
+            raise ConfigError(f"[ccexec] remote_listen must be tcp://ADDRESS:PORT, got {s.remote_listen!r}")
+        if not (s.curve_secret_key and s.curve_clients):
+            raise ConfigError("[ccexec] remote_listen needs curve_secret_key (the head's .key_secret file) "
+                              "and curve_clients (a directory of the executor nodes' public .key files)")
 
 
 def _number(ini, section, key, default, kind=int, low=None, high=None):
@@ -181,7 +227,7 @@ def settings_from_ini(ini: configparser.ConfigParser) -> Settings:
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"[ccexec] log_level must be one of {', '.join(LOG_LEVELS)}")
     state_dir = os.path.abspath(os.path.expanduser(get("state_dir", "") or default_state_dir()))
-    return Settings(
+    settings = Settings(
         host=ini.get(SOCKET_SECTION, "host", fallback=d.host).strip(),
         port=_number(ini, SOCKET_SECTION, "port", d.port, int, 1, 65535),
         handlers=_number(ini, "watcher:handler", "numprocesses", d.handlers, int, 1, 64),
@@ -199,7 +245,7 @@ def settings_from_ini(ini: configparser.ConfigParser) -> Settings:
         kill_grace=_number(ini, c, "kill_grace", d.kill_grace, float, 0, 300),
         stall_timeout=_number(ini, c, "stall_timeout", d.stall_timeout, float, 0, 10**7),
         env_remove=tuple(get("env_remove", " ".join(d.env_remove)).split()),
-        env_set=_env_pairs(get("env_set", "PYTHONUNBUFFERED=1")),
+        env_set=_pairs(get("env_set", "PYTHONUNBUFFERED=1"), "env_set"),
         watchdog_port=_number(ini, c, "watchdog_port", d.watchdog_port, int, 0, 65535),
         retention_days=_number(ini, c, "retention_days", d.retention_days, float, 0, 36500),
         retention_bytes=_number(ini, c, "retention_bytes", d.retention_bytes, int, 0, 2**62),
@@ -222,7 +268,17 @@ def settings_from_ini(ini: configparser.ConfigParser) -> Settings:
         request_burst=_number(ini, c, "request_burst", 0, int, 0, 10**6),
         max_job_seconds=_number(ini, c, "max_job_seconds", 0.0, float, 0, 10**8),
         max_output_bytes=_number(ini, c, "max_output_bytes", 0, int, 0, 2**62),
+        role=get("role", d.role).lower(),
+        broker=get("broker", ""),
+        remote_listen=get("remote_listen", ""),
+        curve_secret_key=_path(ini, c, "curve_secret_key"),
+        curve_server_key=_path(ini, c, "curve_server_key"),
+        curve_clients=_path(ini, c, "curve_clients"),
+        labels=_labels(get("labels", "")),
+        node_name=get("node_name", "") or socket.gethostname(),
     )
+    check_remote(settings)
+    return settings
 
 
 def write_effective(ini: configparser.ConfigParser, path: str) -> None:

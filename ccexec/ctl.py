@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -102,6 +103,8 @@ class Daemon:
             return False
 
     def is_ready(self) -> bool:
+        if self.settings.remote:  # an executor node has no port: running is ready
+            return self.running()
         try:
             return self.http("/ready")[0] == 200
         except OSError:
@@ -171,6 +174,9 @@ def status(ctx: click.Context) -> None:
     rows = _watchers(daemon)
     for row in rows:
         row["rss_mib"] = _rss_mib(row["pid"])
+    if daemon.settings.remote:
+        _node_status(ctx, daemon, rows)
+        return
     try:
         code, health = daemon.http("/health")
         ready_code, ready = daemon.http("/ready")
@@ -181,14 +187,41 @@ def status(ctx: click.Context) -> None:
     if ctx.obj["json"]:
         click.echo(json.dumps({"processes": rows, "health": health, "ready": ready}, indent=2))
     else:
-        click.echo(f"{'WATCHER':<18} {'STATUS':<8} {'PID':>7} {'RSS MiB':>8} {'UPTIME s':>9}")
-        for r in rows:
-            click.echo(f"{r['watcher']:<18} {r['status'] or '-':<8} {r['pid'] or '-':>7} "
-                       f"{r['rss_mib'] if r['rss_mib'] is not None else '-':>8} "
-                       f"{r['uptime'] if r['uptime'] is not None else '-':>9}")
+        _print_rows(rows)
         readiness = "ready" if ready_code == 200 else f"not ready ({ready.get('reason')})"
         click.echo(f"health: {health.get('status')}, {readiness}  sessions: {health.get('active_sessions', '-')}"
                    f"  running: {health.get('running_jobs', '-')}  queued: {health.get('queued_jobs', '-')}")
+        _print_executors(health.get("executors") or [])
+    sys.exit(0 if healthy else EXIT_FAILED)
+
+
+def _print_rows(rows: list[dict]) -> None:
+    click.echo(f"{'WATCHER':<18} {'STATUS':<8} {'PID':>7} {'RSS MiB':>8} {'UPTIME s':>9}")
+    for r in rows:
+        click.echo(f"{r['watcher']:<18} {r['status'] or '-':<8} {r['pid'] or '-':>7} "
+                   f"{r['rss_mib'] if r['rss_mib'] is not None else '-':>8} "
+                   f"{r['uptime'] if r['uptime'] is not None else '-':>9}")
+
+
+def _print_executors(executors: list[dict]) -> None:
+    """Every executor the broker has registered, on this host or on nodes."""
+    click.echo(f"\n{'EXECUTOR':<28} {'NODE':<16} {'SLOTS':>5} {'RUNNING':>7} {'HEARTBEAT':>9}  LABELS")
+    for e in sorted(executors, key=lambda e: (e.get("remote", False), e.get("id", ""))):
+        labels = " ".join(f"{k}={v}" for k, v in (e.get("labels") or {}).items()) or "-"
+        click.echo(f"{e.get('id', '-'):<28} {(e.get('node') if e.get('remote') else 'local') or '-':<16} "
+                   f"{e.get('capacity', '-'):>5} {e.get('running', '-'):>7} {str(e.get('last_heartbeat')) + ' s':>9}"
+                   f"  {labels}")
+
+
+def _node_status(ctx: click.Context, daemon: Daemon, rows: list[dict]) -> None:
+    """An executor node: its processes, and whose node it is."""
+    healthy = bool(rows) and all(r["status"] == "active" for r in rows)
+    if ctx.obj["json"]:
+        click.echo(json.dumps({"processes": rows, "role": "executor", "broker": daemon.settings.broker,
+                               "node": daemon.settings.node_name, "labels": daemon.settings.labels}, indent=2))
+    else:
+        _print_rows(rows)
+        click.echo(f"executor node {daemon.settings.node_name} of {daemon.settings.broker}")
     sys.exit(0 if healthy else EXIT_FAILED)
 
 
@@ -576,3 +609,34 @@ def _follow_files(paths: list[str], lines: int, follow: bool) -> None:
                 offset += len(data)
             positions[path] = (inode, offset)
         time.sleep(0.2)
+
+
+@main.group()
+def keys() -> None:
+    """CURVE key pairs for the head's remote_listen and its executor nodes."""
+
+
+@keys.command("generate")
+@click.argument("name")
+@click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Where to write NAME.key and NAME.key_secret.")
+@click.pass_context
+def keys_generate(ctx: click.Context, name: str, directory: str) -> None:
+    """Make a key pair: NAME.key (public: copy it to the other side) and
+    NAME.key_secret (mode 600: it stays on this host).
+
+    \b
+    Head:  curve_secret_key = head.key_secret; each node's NODE.key goes into
+           the curve_clients directory.
+    Node:  curve_secret_key = NODE.key_secret; curve_server_key = head.key.
+    """
+    from ccexec import remote
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise click.BadParameter("letters, digits, '_', '.', '-' only", param_hint="NAME")
+    for suffix in (".key", ".key_secret"):
+        if os.path.exists(os.path.join(directory, name + suffix)):
+            raise click.ClickException(f"{os.path.join(directory, name + suffix)} exists; not overwriting a key")
+    public, secret = remote.generate_keys(directory, name)
+    emit(ctx, {"public": os.path.abspath(public), "secret": os.path.abspath(secret)},
+         lambda d: click.echo(f"public key: {d['public']}\nsecret key: {d['secret']}"))

@@ -5,6 +5,13 @@ read concurrently so a full pipe never blocks anything. Every chunk read is
 appended to the job's journal before it is forwarded to the broker, so what
 a slow or absent reader misses is still on disk. Ending a job (cancel,
 timeout, shutdown) ends its whole process tree.
+
+On an executor node (role = executor) the broker is another host's: output
+is sent with backpressure rather than dropped, since the head writes its
+own copy of the journal from it (and asks again, RESEND, for any chunk a
+broken connection lost); the node's journal goes once the head has the
+job's end; a node cut off from the head for longer than the head waits
+ends its jobs, as the head has recorded them lost.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -22,8 +30,8 @@ import psutil
 import zmq
 import zmq.asyncio
 
-from ccexec import bus, claude, config, logs, policy, stall
-from ccexec.journal import JournalWriter
+from ccexec import bus, claude, config, leftovers, logs, policy, remote, stall
+from ccexec.journal import READ_BLOCK, JournalWriter, job_dir, read_range
 from ccexec.liveness import WatchdogPulse
 
 log = logging.getLogger("ccexec.executor")
@@ -32,6 +40,7 @@ READ_SIZE = 65536
 EXIT_DRAIN = 1.0  # seconds to wait for pipes after the job's leader exited
 INTERNAL_ENV_PREFIXES = ("CCEXEC_", "CIRCUS")
 CLAUDE_OFFLOAD_BYTES = 1 << 20  # a stdout line this long is parsed off the event loop
+HEAD_TIMEOUT = bus.HEARTBEAT_INTERVAL * bus.HEARTBEAT_LIVENESS  # as long as the head waits for us
 
 
 @dataclass
@@ -97,7 +106,10 @@ class Executor:
         self.settings = settings
         self.capacity = settings.slots_per_executor
         self.ctx = zmq.asyncio.Context()
-        self.sock = bus.dealer(self.ctx, "executor", bus.backend_endpoint(settings.run_dir))
+        if settings.remote:
+            self.sock = remote.connect_to_head(self.ctx, settings, bus.peer_identity("executor", settings.node_name))
+        else:
+            self.sock = bus.dealer(self.ctx, "executor", bus.backend_endpoint(settings.run_dir))
         self.jobs: dict[str, RunningJob] = {}
         self.tasks: set[asyncio.Task] = set()
         self.unacked: dict[str, dict] = {}  # COMPLETED headers the broker has not acknowledged
@@ -110,10 +122,14 @@ class Executor:
     async def send(self, kind: bytes, header: dict, *payload: bytes) -> None:
         await self.sock.send_multipart(bus.pack(kind, header, *payload))
 
-    def try_send(self, kind: bytes, header: dict, *payload: bytes) -> None:
-        """Send if the broker link has room; output is in the journal anyway."""
+    async def send_output(self, header: dict, data: bytes) -> None:
+        """Locally: only if the broker link has room (the journal has it anyway).
+        On a node: with backpressure, as the head's journal is written from it."""
+        if self.settings.remote:
+            await self.send(bus.OUTPUT, header, data)
+            return
         try:
-            self.sock.send_multipart(bus.pack(kind, header, *payload), zmq.NOBLOCK)
+            self.sock.send_multipart(bus.pack(bus.OUTPUT, header, data), zmq.NOBLOCK)
         except zmq.Again:
             pass
 
@@ -121,7 +137,8 @@ class Executor:
         await self.send(bus.READY, {
             "role": "executor", "pid": os.getpid(), "capacity": self.capacity,
             "jobs": [j.describe() for j in self.jobs.values() if j.pid is not None],
-            "completed": list(self.unacked.values())})
+            "completed": list(self.unacked.values()), "labels": self.settings.labels,
+            "node": self.settings.node_name})
 
     async def receive_loop(self) -> None:
         while True:
@@ -137,7 +154,10 @@ class Executor:
             elif kind == bus.CONTROL:
                 await self.control(header)
             elif kind == bus.COMPLETED_ACK:
-                self.unacked.pop(header.get("job_id"), None)
+                if self.unacked.pop(header.get("job_id"), None) is not None and self.settings.remote:
+                    self.spawn_task(self.in_thread(self.forget_journal, header["job_id"]))
+            elif kind == bus.RESEND:
+                self.spawn_task(self.resend(header))
             elif kind == bus.REREGISTER:
                 await self.register()
 
@@ -145,6 +165,42 @@ class Executor:
         while True:
             await asyncio.sleep(bus.HEARTBEAT_INTERVAL)
             await self.send(bus.HEARTBEAT, {"running": len(self.jobs)})
+
+    async def watch_head(self) -> None:
+        """On a node: jobs the head has stopped hearing about are ended (it records them lost)."""
+        reported = False
+        while True:
+            await asyncio.sleep(bus.HEARTBEAT_INTERVAL)
+            silent = time.monotonic() - self.broker_seen
+            if silent <= HEAD_TIMEOUT:
+                reported = False
+                continue
+            if not reported:  # once per outage: unreachable, or refused our key
+                reported = True
+                logs.event(log, "executor.head_unreachable", logging.WARNING, broker=self.settings.broker,
+                           silent=round(silent, 1))
+            for job in self.jobs.values():
+                if job.pid is not None and job.ended_by is None:
+                    logs.event(log, "executor.head_lost", logging.WARNING, job_id=job.job_id, silent=round(silent, 1))
+                    self.spawn_task(self.end_job(job, "lost", f"lost contact with the head node for {silent:.0f} s"))
+
+    async def resend(self, header: dict) -> None:
+        """Send output the head's journal lacks again, from ours; then the
+        job's end, if it is over, which the head holds back until then."""
+        job_id, stream, offset = header["job_id"], header["stream"], int(header["offset"])
+        try:
+            while data := await self.in_thread(read_range, self.settings.jobs_dir, job_id, stream,
+                                               offset, offset + READ_BLOCK):
+                await self.send(bus.OUTPUT, {"job_id": job_id, "stream": stream, "offset": offset}, data)
+                offset += len(data)
+        except (OSError, ValueError) as exc:
+            logs.event(log, "executor.resend_failed", logging.WARNING, job_id=job_id, error=exc)
+        if job_id in self.unacked:
+            await self.send(bus.COMPLETED, self.unacked[job_id])
+
+    def forget_journal(self, job_id: str) -> None:
+        """In a worker thread: the head holds this job's journal now."""
+        shutil.rmtree(job_dir(self.settings.jobs_dir, job_id), ignore_errors=True)
 
     def spawn_task(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -206,6 +262,8 @@ class Executor:
         except OSError as exc:
             return 126, "rejected", f"could not start: {exc}"
         job.pid, job.started_at = job.proc.pid, time.time()
+        if self.settings.remote:
+            await self.in_thread(leftovers.record_owner, self.settings.jobs_dir, job.job_id, job.pid)
         await self.send(bus.STARTED, {"job_id": job.job_id, "pid": job.pid, "pgid": job.pid,
                                       "started_at": job.started_at})
         pumps = [asyncio.ensure_future(self.pump(job, journal, "stdout", job.proc.stdout)),
@@ -285,7 +343,7 @@ class Executor:
                     continue
             job.output_bytes += len(data)
             offset = await self.in_thread(journal.append, stream, data)
-            self.try_send(bus.OUTPUT, {"job_id": job.job_id, "stream": stream, "offset": offset}, data)
+            await self.send_output({"job_id": job.job_id, "stream": stream, "offset": offset}, data)
             if stream == "stdout" and job.claude_reader is not None:
                 await self.claude_events(job, data)
 
@@ -354,9 +412,13 @@ class Executor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         pulse = WatchdogPulse(self.settings.watchdog_port) if self.settings.watchdog_port else None
+        if self.settings.remote:  # a killed executor's jobs: nobody else on this host would end them
+            await self.in_thread(leftovers.reap_node_orphans, self.settings.jobs_dir)
         await self.register()
         logs.event(log, "executor.started", pid=os.getpid(), capacity=self.capacity)
         background = [loop.create_task(self.receive_loop()), loop.create_task(self.heartbeat_loop())]
+        if self.settings.remote:
+            background.append(loop.create_task(self.watch_head()))
         if pulse:
             background.append(loop.create_task(pulse.run()))
         await self.stopping.wait()

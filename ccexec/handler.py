@@ -654,6 +654,7 @@ class Handler:
             "uptime_seconds": round(self.stats.get("uptime", time.time() - self.started), 3),
             "handler_pid": os.getpid(), "broker_reachable": self.broker_alive(),
             "running_jobs": self.stats.get("running", 0), "queued_jobs": self.stats.get("queued", 0),
+            "executors": self.stats.get("executors", []),
         }
 
     def readiness(self) -> tuple[bool, str | None]:

@@ -31,7 +31,7 @@ class JournalWriter:
         os.makedirs(self.path, exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         self.fds = {s: os.open(os.path.join(self.path, s), flags, 0o600) for s in STREAMS}
-        self.sizes = dict.fromkeys(STREAMS, 0)
+        self.sizes = {s: os.fstat(fd).st_size for s, fd in self.fds.items()}  # a reopened journal goes on
 
     def append(self, stream: str, data: bytes) -> int:
         """Append data; returns the stream offset it was written at."""
@@ -50,6 +50,23 @@ class JournalWriter:
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
+
+
+class JournalReplica(JournalWriter):
+    """The head node's copy of a remote job's journal. Chunks come over the
+    network, where a dropped connection can lose some or a resend repeat
+    them: each byte is written once, in order, and a chunk past the end
+    (a gap) is refused so the caller can ask for a resend from `sizes`."""
+
+    def accept(self, stream: str, offset: int, data: bytes) -> tuple[int, bytes] | None:
+        """(offset, the bytes that were new) or None for a gap."""
+        have = self.sizes[stream]
+        if offset > have:
+            return None
+        fresh = data[have - offset:]
+        if fresh:
+            self.append(stream, fresh)
+        return have, fresh
 
 
 def read_range(jobs_dir: str, job_id: str, stream: str, offset: int, end: int) -> bytes:

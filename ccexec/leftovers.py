@@ -9,19 +9,23 @@ say they were running, and marks those jobs lost: no manual cleanup.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import signal
 import time
 
 import psutil
 
 from ccexec import config, logs
+from ccexec.journal import job_dir
 from ccexec.store import JobStore
 
 log = logging.getLogger("ccexec.arbiter")
 
 STALE_GRACE = 10.0  # seconds stale executors get to end their jobs' trees on SIGTERM
+OWNER_FILE = "owner"  # on an executor node, in a job's journal directory: who runs its group
 
 
 class DaemonRunning(Exception):
@@ -64,7 +68,7 @@ def listeners(port: int) -> set[int]:
 def stale_processes(settings: config.Settings, effective_config: str) -> list[psutil.Process]:
     """ccexec processes of this user whose arbiter is gone, of this instance
     or of any instance holding our port. Raises DaemonRunning for live ones."""
-    holders = listeners(settings.port)
+    holders = set() if settings.remote else listeners(settings.port)  # an executor node has no port
     uid = os.getuid()
     candidates = []
     for proc in psutil.process_iter(["pid", "ppid", "uids", "cmdline"]):
@@ -134,3 +138,41 @@ def reap_orphan_jobs(settings: config.Settings) -> int:
         return len(records)
     finally:
         store.close()
+
+
+def record_owner(jobs_dir: str, job_id: str, pgid: int) -> None:
+    """On an executor node: note which executor runs a job's group. The
+    head cannot end jobs on another host, so reap_node_orphans does it."""
+    with open(os.path.join(job_dir(jobs_dir, job_id), OWNER_FILE), "w") as f:
+        json.dump({"executor": os.getpid(), "pgid": pgid, "started_at": time.time()}, f)
+
+
+def _executor_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).cmdline()[1:4] == ["-m", "ccexec", "executor"]
+    except (psutil.Error, OSError):
+        return False
+
+
+def reap_node_orphans(jobs_dir: str) -> int:
+    """On an executor node, as an executor starts: end the groups of jobs
+    whose executor died (the head has recorded them lost) and drop their
+    journals. Blocking: run in a worker thread."""
+    reaped = 0
+    for name in os.listdir(jobs_dir):
+        try:
+            with open(os.path.join(job_dir(jobs_dir, name), OWNER_FILE)) as f:
+                owner = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if _executor_alive(owner["executor"]):
+            continue
+        if _group_leader_matches(owner["pgid"], owner["started_at"]):
+            try:
+                os.killpg(owner["pgid"], signal.SIGKILL)
+            except OSError:
+                pass
+        shutil.rmtree(job_dir(jobs_dir, name), ignore_errors=True)
+        logs.event(log, "job.orphan_reaped", logging.WARNING, job_id=name, pgid=owner["pgid"])
+        reaped += 1
+    return reaped

@@ -38,9 +38,11 @@ STREAMS = ("stdout", "stderr")
 STREAM_MODES = ("lines", "chunks")
 CONTROL_TYPES = {"PAUSE": "paused", "RESUME": "resumed", "CANCEL": "canceled"}
 JOB_STATES = ("running", "queued", "finished")
+LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # executor label names and values
+MAX_LABELS = 32
 CAPABILITIES = [
     "execute", "control", "stream", "heartbeat", "queue", "chunks",
-    "argv", "stdin", "ping", "hook_status", "attach", "jobs", "claude",
+    "argv", "stdin", "ping", "hook_status", "attach", "jobs", "claude", "labels",
 ]
 
 
@@ -82,6 +84,7 @@ class ExecuteSpec:
     stream_mode: str = "lines"
     name: str | None = None
     claude: bool = False  # true: a Claude job whatever its command (false: detection decides)
+    labels: dict[str, str] = field(default_factory=dict)  # only executors carrying all of them run it
 
     def to_dict(self) -> dict:
         spec = {
@@ -92,6 +95,8 @@ class ExecuteSpec:
         }
         if self.claude:
             spec["claude"] = True
+        if self.labels:
+            spec["labels"] = dict(self.labels)
         return spec
 
 
@@ -311,6 +316,18 @@ def _env(request: Request) -> dict[str, str]:
     return dict(env)
 
 
+def _labels(request: Request) -> dict[str, str]:
+    labels = request.params.get("labels")
+    if labels is None:
+        return {}
+    if not isinstance(labels, dict) or len(labels) > MAX_LABELS or not all(
+            isinstance(k, str) and LABEL.match(k) and isinstance(v, str) and LABEL.match(v)
+            for k, v in labels.items()):
+        raise _invalid(request, "labels", f"must be an object of up to {MAX_LABELS} names to values, "
+                       "each 1-64 characters of letters, digits, '_', '.', '-'")
+    return dict(labels)
+
+
 def parse_execute(request: Request) -> ExecuteSpec:
     command, argv = _command_or_argv(request)
     stream_mode = _stream_mode(request)
@@ -326,7 +343,7 @@ def parse_execute(request: Request) -> ExecuteSpec:
         stall_timeout=_seconds(request, "stall_timeout", allow_zero=True),
         detach=_flag(request, "detach"), parallel=_flag(request, "parallel"),
         stream_mode=stream_mode, name=_optional_str(request, "name"),
-        claude=_flag(request, "claude"),
+        claude=_flag(request, "claude"), labels=_labels(request),
     )
 
 

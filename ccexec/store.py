@@ -15,7 +15,7 @@ import time
 
 from ccexec.journal import job_dir
 
-PUBLIC = ("job_id", "name", "command", "state", "pid", "exit_code", "reason", "error", "created_at",
+PUBLIC = ("job_id", "name", "command", "state", "pid", "node", "exit_code", "reason", "error", "created_at",
           "started_at", "finished_at", "stdout_bytes", "stderr_bytes")
 PRUNE_BATCH = 200  # journals removed per pass, so one pass never blocks for long
 
@@ -25,7 +25,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     pgid INTEGER, exit_code INTEGER, reason TEXT, error TEXT, client TEXT,
     created_at REAL NOT NULL, started_at REAL, finished_at REAL,
     stdout_bytes INTEGER NOT NULL DEFAULT 0, stderr_bytes INTEGER NOT NULL DEFAULT 0,
-    completed TEXT
+    completed TEXT, node TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
@@ -45,6 +45,9 @@ class JobStore:
         self.db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
         self.db.execute("PRAGMA busy_timeout=2000")
         self.db.executescript(SCHEMA)
+        columns = {row["name"] for row in self.db.execute("PRAGMA table_info(jobs)")}
+        if "node" not in columns:  # a database from before remote executors
+            self.db.execute("ALTER TABLE jobs ADD COLUMN node TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -56,9 +59,11 @@ class JobStore:
             "INSERT OR IGNORE INTO jobs (job_id, name, command, state, client, created_at) VALUES (?,?,?,?,?,?)",
             (job_id, spec.get("name"), describe_command(spec), state, client, time.time()))
 
-    def started(self, job_id: str, pid: int | None, pgid: int | None, started_at: float | None) -> None:
-        self.db.execute("UPDATE jobs SET state='running', pid=?, pgid=?, started_at=? WHERE job_id=?",
-                        (pid, pgid, started_at or time.time(), job_id))
+    def started(self, job_id: str, pid: int | None, pgid: int | None, started_at: float | None,
+                node: str | None = None) -> None:
+        """node: the executor node's name for a job on another host (whose pgid is not ours to kill)."""
+        self.db.execute("UPDATE jobs SET state='running', pid=?, pgid=?, started_at=?, node=? WHERE job_id=?",
+                        (pid, None if node else pgid, started_at or time.time(), node, job_id))
 
     def finished(self, completed: dict) -> None:
         self.db.execute(

@@ -1,7 +1,8 @@
 """systemd integration of the arbiter (Type=notify).
 
 READY=1 goes out once the daemon really serves (its own /ready answers
-200: socket bound, broker up, an executor registered); WATCHDOG=1 goes out
+200: socket bound, broker up, an executor registered; an executor node,
+which has no port, once its arbiter runs); WATCHDOG=1 goes out
 from the arbiter's event loop at half of WatchdogSec, so a hung arbiter is
 restarted by systemd. Without NOTIFY_SOCKET this does nothing.
 """
@@ -26,6 +27,7 @@ class SystemdNotify:
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
         self.ready_url = f"http://{host}:{settings.port}/ready"
         self.listen = f"{settings.host}:{settings.port}"
+        self.executor_node_of = settings.broker if settings.remote else None
         usec = os.environ.get("WATCHDOG_USEC")
         self.watchdog_interval = int(usec) / 2e6 if usec and usec.isdigit() else DEFAULT_WATCHDOG_INTERVAL
         self.next_watchdog = 0.0
@@ -49,6 +51,9 @@ class SystemdNotify:
         if now >= self.next_watchdog:
             self.next_watchdog = now + self.watchdog_interval
             self.notifier.notify("WATCHDOG=1")
+        if not self.ready and self.executor_node_of:  # no port: ready once its arbiter runs
+            self.ready = True
+            self.notifier.notify(f"READY=1\nSTATUS=executor node of {self.executor_node_of}\nMAINPID={os.getpid()}")
         if not self.ready and not self.checking:
             self.checking = True
             try:

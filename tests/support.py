@@ -208,3 +208,52 @@ def ticker(lines: int, interval: float, word: str = "tick") -> tuple[str, str]:
     command = (f"{sys.executable} -c \"import time\nfor i in range({lines}):\n"
                f"    print(f'{word} {{i:04d}}', flush=True); time.sleep({interval})\"")
     return command, "".join(f"{word} {i:04d}\n" for i in range(lines))
+
+
+def line_printer(lines: int) -> tuple[list[str], str]:
+    """argv of a job printing `lines` numbered lines as fast as it can, and its exact output."""
+    code = f"for i in range({lines}): print(f'line {{i:06d}} {{\"x\" * 24}}')"
+    return [sys.executable, "-c", code], "".join(f"line {i:06d} {'x' * 24}\n" for i in range(lines))
+
+
+def make_keys(directory: Path, *names: str) -> dict[str, tuple[Path, Path]]:
+    """Key pairs made by `ccexecctl keys generate`: name -> (public, secret)."""
+    ctl = str(Path(sys.executable).parent / "ccexecctl")
+    for name in names:
+        subprocess.run([ctl, "keys", "generate", name, "--dir", str(directory)], check=True,
+                       capture_output=True, timeout=30)
+    return {n: (directory / f"{n}.key", directory / f"{n}.key_secret") for n in names}
+
+
+def remote_head_settings(endpoint: str, server: tuple[Path, Path], clients: Path) -> dict:
+    """[ccexec] settings of a head accepting executor nodes on endpoint."""
+    return {"remote_listen": endpoint, "curve_secret_key": str(server[1]), "curve_clients": str(clients)}
+
+
+class ExecutorNode(Daemon):
+    """A real executor-only ccexecd (role = executor) for a head's remote
+    face, optionally inside a network namespace (run with `ip netns exec`)."""
+
+    def __init__(self, tmp: Path, broker: str, keys: tuple[Path, Path], server_public: Path,
+                 node_name: str, labels: str = "", netns: str | None = None, executors: int = 1,
+                 settings: dict | None = None):
+        super().__init__(tmp, {"curve_secret_key": str(keys[1]), "curve_server_key": str(server_public),
+                               "labels": labels, "node_name": node_name, **(settings or {})},
+                         executors=executors)
+        self.broker, self.netns, self.node_name = broker, netns, node_name
+
+    def command(self) -> list[str]:
+        command = [*CCEXECD, "--config", str(self.config), "--role", "executor", "--broker", self.broker,
+                   "--state-dir", str(self.state_dir), "--executors", str(self.executors)]
+        return ["ip", "netns", "exec", self.netns, *command] if self.netns else command
+
+    def ready(self) -> bool:
+        """Its executors run (the head's health tells whether they registered)."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"ccexecd --role executor exited with {self.proc.returncode}:\n{self.log_tail()}")
+        return len(self.role_pids("executor")) == self.executors
+
+
+def node_executors(head: Daemon, node_name: str) -> list[dict]:
+    """The executors of node_name the head's broker has registered now."""
+    return [e for e in head.health().get("executors", []) if e.get("remote") and e.get("node") == node_name]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from importlib import resources
 
 import pytest
@@ -34,7 +35,7 @@ def test_shipped_ini_yields_the_dataclass_defaults(source):
     path = {"builtin": None, "packaged-path": _packaged_ini_path(), "etc-path": str(SHIPPED_INI)}[source]
     settings = config.settings_from_ini(config.read_ini(path))
     expected = dataclasses.replace(Settings(), state_dir=config.default_state_dir(),
-                                   workdir=os.getcwd())
+                                   workdir=os.getcwd(), node_name=socket.gethostname())
     assert settings == expected
 
 
@@ -123,6 +124,34 @@ def test_heartbeat_interval_bounds_are_inclusive(value):
 def test_env_set_parses_name_value_pairs():
     settings = _settings_with("ccexec", "env_set", "A=1 'B=two words' C=")
     assert settings.env_set == {"A": "1", "B": "two words", "C": ""}
+
+
+def test_labels_parse_as_name_value_pairs():
+    assert _settings_with("ccexec", "labels", "gpu=a100 site=eu-1").labels == {"gpu": "a100", "site": "eu-1"}
+
+
+@pytest.mark.parametrize("value", ["gpu", "gpu=a b", "=x", "gpu=a/b"])
+def test_bad_labels_name_the_key(value):
+    with pytest.raises(ConfigError, match="labels"):
+        _settings_with("ccexec", "labels", value)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"role": "worker"}, "role must be one of"),
+    ({"role": "executor"}, "needs [ccexec] broker"),
+    ({"role": "executor", "broker": "ipc:///tmp/x"}, "needs [ccexec] broker = tcp://"),
+    ({"role": "executor", "broker": "tcp://h:1"}, "curve_secret_key"),
+    ({"role": "executor", "broker": "tcp://h:1", "curve_secret_key": "/k"}, "curve_server_key"),
+    ({"remote_listen": "10.0.0.1:8005"}, "remote_listen must be tcp://"),
+    ({"remote_listen": "tcp://10.0.0.1:8005"}, "curve_clients"),
+])
+def test_remote_links_need_tcp_and_their_keys(settings, message):
+    ini = config.read_ini(None)
+    for key, value in settings.items():
+        ini.set("ccexec", key, value)
+    with pytest.raises(ConfigError) as error:
+        config.settings_from_ini(ini)
+    assert message in str(error.value)
 
 
 # ------------------------------------------------------------------ state dir

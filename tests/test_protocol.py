@@ -487,6 +487,23 @@ class TestParseExecute:
 
 # ========================================================== parse_control
 
+class TestLabels:
+    def test_labels_reach_the_spec_and_the_broker(self):
+        spec = parse_execute(execute_request(command="x", labels={"gpu": "a100", "site": "eu-1"}))
+        assert spec.labels == {"gpu": "a100", "site": "eu-1"}
+        assert spec.to_dict()["labels"] == {"gpu": "a100", "site": "eu-1"}
+
+    def test_no_labels_leave_no_trace(self):
+        assert "labels" not in parse_execute(execute_request(command="x", labels={})).to_dict()
+        assert "labels" not in parse_execute(execute_request(command="x")).to_dict()
+
+    @pytest.mark.parametrize("labels", [["gpu"], "gpu=a100", {"gpu": 1}, {"": "x"}, {"a b": "x"},
+                                        {"gpu": ""}, {"x" * 65: "y"}, {f"k{i}": "v" for i in range(33)}])
+    def test_bad_labels_are_invalid_params(self, labels):
+        error = execute_error(command="x", labels=labels)
+        assert error.code == p.INVALID_PARAMS and error.data["param"] == "labels"
+
+
 class TestParseControl:
     @pytest.mark.parametrize("kind, action", [
         ("PAUSE", "PAUSE"), ("pause", "PAUSE"), ("Resume", "RESUME"), ("resume", "RESUME"),

@@ -66,3 +66,47 @@ def test_prune_never_touches_running_jobs(store, tmp_path):
     _job(store, tmp_path, "a" * 32, size=5000, finished=False)
     assert store.prune(max_age=0, max_bytes=0) == 0
     assert store.get("a" * 32)["state"] == "running"
+
+
+def test_a_job_on_a_node_is_recorded_with_its_node_and_no_local_group(store, tmp_path):
+    store.accepted("c" * 32, {"command": "x"}, None, "queued")
+    store.started("c" * 32, 4242, 4242, time.time(), node="far-node")
+    record = store.get("c" * 32)
+    assert (record["node"], record["pid"], record["pgid"]) == ("far-node", 4242, None)
+
+
+def test_a_database_from_before_nodes_gains_the_node_column(tmp_path):
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "jobs.db")
+    old.execute("CREATE TABLE jobs (job_id TEXT PRIMARY KEY, name TEXT, command TEXT, state TEXT NOT NULL,"
+                " pid INTEGER, pgid INTEGER, exit_code INTEGER, reason TEXT, error TEXT, client TEXT,"
+                " created_at REAL NOT NULL, started_at REAL, finished_at REAL,"
+                " stdout_bytes INTEGER NOT NULL DEFAULT 0, stderr_bytes INTEGER NOT NULL DEFAULT 0, completed TEXT)")
+    old.execute("INSERT INTO jobs (job_id, state, created_at) VALUES (?, 'finished', 0)", ("d" * 32,))
+    old.commit()
+    old.close()
+    store = JobStore(str(tmp_path))
+    try:
+        assert store.get("d" * 32)["node"] is None
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------------ journal replica
+
+
+def test_replica_writes_each_byte_once_in_order_and_refuses_gaps(tmp_path):
+    from ccexec.journal import JournalReplica
+
+    replica = JournalReplica(str(tmp_path), "e" * 32)
+    assert replica.accept("stdout", 0, b"hello ") == (0, b"hello ")
+    assert replica.accept("stdout", 12, b"later") is None  # bytes 6-11 were lost on the way
+    assert replica.accept("stdout", 3, b"lo world") == (6, b"world")  # a resend overlapping what is there
+    assert replica.accept("stdout", 0, b"hello") == (11, b"")  # a pure repeat: nothing new
+    assert replica.accept("stderr", 0, b"e") == (0, b"e")
+    replica.close()
+    assert (tmp_path / ("e" * 32) / "stdout").read_bytes() == b"hello world"
+    reopened = JournalReplica(str(tmp_path), "e" * 32)  # a restarted broker goes on where it was
+    assert reopened.sizes == {"stdout": 11, "stderr": 1}
+    reopened.close()

@@ -1,0 +1,180 @@
+"""Executor nodes on other hosts: a real head (remote_listen + CURVE) and
+real `ccexecd --role executor` nodes connected to it over TCP, on loopback.
+The network-namespace test of the link itself is in test_netns.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from ccexec.client import Client
+from support import (Daemon, ExecutorNode, async_test, free_port, line_printer, make_keys, node_executors,
+                     remote_head_settings, wait_for)
+
+PRINT_LINES, EXPECTED = line_printer(60_000)  # about 2.3 MiB of output: many network chunks
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head with one local executor and a node (label site=far, 2 slots)."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    keys = make_keys(tmp / "keys", "head", "far", "rogue")
+    clients = tmp / "clients"
+    clients.mkdir()
+    (clients / "far.key").write_bytes(keys["far"][0].read_bytes())
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    head = Daemon(tmp / "head", remote_head_settings(endpoint, keys["head"], clients), executors=1)
+    node = ExecutorNode(tmp / "node", endpoint, keys["far"], keys["head"][0], "far-node", labels="site=far",
+                        settings={"slots_per_executor": 2})
+    try:
+        head.start()
+        node.start()
+        wait_for(lambda: node_executors(head, "far-node"), 20, what="the node registered")
+        yield head, node, keys, endpoint
+    finally:
+        for daemon in (node, head):
+            status = daemon.stop()
+            left = daemon.leftovers()
+            daemon.cleanup()
+            assert status == 0, daemon.log_tail()
+            assert not left, f"left running: {left}"
+
+
+@async_test(90)
+async def test_a_labelled_job_runs_on_the_node_with_exact_output_in_both_modes(cluster):
+    head, node, _, _ = cluster
+    async with Client(head.url) as client:
+        for mode in ("lines", "chunks"):
+            job = await client.execute(argv=PRINT_LINES, labels={"site": "far"}, stream_mode=mode)
+            result = await job.wait(60)
+            assert result.exit_code == 0 and result.reason == "exit"
+            assert result.stdout == EXPECTED, f"{mode}: output differs"
+            record = await client.job_status(job.job_id)
+            assert record["node"] == "far-node" and record["stdout_bytes"] == len(EXPECTED)
+            # The head holds the journal: a replay from byte 0 is exact too.
+            replay = await (await client.attach(job.job_id)).wait(30)
+            assert replay.stdout == EXPECTED
+            # ... and the node dropped its copy once the head had it all.
+            wait_for(lambda: not (node.state_dir / "jobs" / job.job_id).exists(), 10,
+                     what="the node's journal removed")
+
+
+@async_test(60)
+async def test_jobs_without_labels_stay_here_and_unmatched_labels_wait(cluster):
+    head, node, _, _ = cluster
+    parent = "echo $PPID"  # the executor that runs the job's shell
+    async with Client(head.url) as client:
+        local = await (await client.execute(parent, labels={})).wait(30)
+        far = await (await client.execute(parent, labels={"site": "far"})).wait(30)
+        node_executor_pids = set(node.role_pids("executor"))
+        assert int(far.stdout) in node_executor_pids
+        assert int(local.stdout) in head.role_pids("executor")
+        # No executor carries gpu=yes: the job waits, and does not hold up the jobs behind it.
+        waiting = await client.execute("echo never", labels={"gpu": "yes"}, parallel=True)
+        behind = await (await client.execute("echo behind", labels={"site": "far"}, parallel=True)).wait(30)
+        assert behind.stdout == "behind\n"
+        assert (await client.job_status(waiting.job_id))["state"] == "queued"
+        await waiting.control("CANCEL")
+        result = await waiting.wait(10)
+        assert result.reason == "canceled" and result.stdout == ""
+
+
+def test_a_node_with_an_unknown_key_is_refused(cluster, tmp_path):
+    head, _, keys, endpoint = cluster
+    rogue = ExecutorNode(tmp_path / "rogue", endpoint, keys["rogue"], keys["head"][0], "rogue-node")
+    try:
+        rogue.start()
+        wait_for(lambda: "remote.refused" in head.log_path.read_text(errors="replace"), 20,
+                 what="the head logs the refused key")
+        wait_for(lambda: "executor.head_unreachable" in rogue.log_path.read_text(errors="replace"), 20,
+                 what="the rogue node logs that it gets no answer")
+        assert node_executors(head, "rogue-node") == []
+        public = keys["rogue"][0].read_text()
+        assert any(line.strip().startswith("public-key") and line.split('"')[1] in head.log_path.read_text()
+                   for line in public.splitlines())
+    finally:
+        rogue.stop()
+        rogue.cleanup()
+
+
+@async_test(90)
+async def test_kill_9_of_a_node_executor_ends_its_job_lost_and_its_tree(cluster):
+    head, node, _, _ = cluster
+    async with Client(head.url) as client:
+        job = await client.execute("echo started; sleep 300", labels={"site": "far"})
+        async for event in job.events(30):
+            if event["method"] == "process.output":
+                break
+        (executor_pid,) = [p for p in node.role_pids("executor") if job.pid in
+                           [c.pid for c in psutil.Process(p).children(recursive=True)]]
+        os.kill(executor_pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        result = await job.wait(30)
+        lost_after = time.monotonic() - killed_at
+        assert result.reason == "lost" and "far-node" in result.completed["error"]
+        # The respawned executor ends the orphaned `sleep` (the head cannot: another host's pid).
+        wait_for(lambda: not psutil.pid_exists(job.pid) or psutil.Process(job.pid).status() == psutil.STATUS_ZOMBIE,
+                 20, what="the orphaned job's process ended on the node")
+        reaped_after = time.monotonic() - killed_at
+        assert "job.orphan_reaped" in node.log_path.read_text(errors="replace")
+        wait_for(lambda: len(node_executors(head, "far-node")) == 1, 20, what="the new executor registered")
+        again = await (await client.execute("echo back", labels={"site": "far"})).wait(30)
+        assert again.stdout == "back\n"
+    print(f"\nnode executor kill -9: job lost after {lost_after:.1f} s, its process ended after {reaped_after:.1f} s")
+
+
+def test_ccexecctl_status_lists_the_node(cluster):
+    head, node, _, _ = cluster
+    ctl = str(Path(sys.executable).parent / "ccexecctl")
+    shown = subprocess.run([ctl, "--config", str(head.config), "--state-dir", str(head.state_dir), "status"],
+                           capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    rows = [line.split() for line in shown.stdout.splitlines() if "far-node" in line]
+    assert rows and all(r[2] == "2" and r[-1] == "site=far" for r in rows), shown.stdout
+    on_node = subprocess.run([ctl, "--config", str(node.config), "--state-dir", str(node.state_dir), "status"],
+                             capture_output=True, text=True, timeout=30)
+    assert on_node.returncode == 0 and "executor node far-node of tcp://" in on_node.stdout, on_node.stdout
+
+
+@pytest.mark.parametrize("settings, args, message", [
+    ({"remote_listen": "tcp://127.0.0.1:1"}, [], "remote_listen needs curve_secret_key"),
+    ({}, ["--role", "executor"], "an executor node needs [ccexec] broker"),
+    ({}, ["--role", "executor", "--broker", "tcp://127.0.0.1:1"], "needs [ccexec] curve_secret_key"),
+])
+def test_remote_settings_without_their_keys_refuse_to_start(tmp_path, settings, args, message):
+    daemon = Daemon(tmp_path, settings)
+    done = subprocess.run([*daemon.command(), *args], capture_output=True, text=True, timeout=30, env=daemon.env)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+@async_test(120)
+async def test_kill_9_of_the_head_broker_loses_no_output_of_a_node_job(cluster):
+    """Chunks in flight to the killed broker are lost on the wire; the new
+    broker finds the gap in its copy of the journal and asks the node again."""
+    head, _, _, _ = cluster
+    lines = 150
+    code = f"import time\nfor i in range({lines}):\n    print(f'{{i:05d}}' + 'y' * 8000, flush=True); time.sleep(0.02)"
+    expected = "".join(f"{i:05d}" + "y" * 8000 + "\n" for i in range(lines))
+    async with Client(head.url) as client:
+        job = await client.execute(argv=[sys.executable, "-c", code], labels={"site": "far"}, stream_mode="chunks")
+        assert await anext(_outputs(job))
+        (broker,) = head.role_pids("broker")
+        os.kill(broker, signal.SIGKILL)
+        result = await job.wait(60)
+        assert result.exit_code == 0 and result.stdout == expected
+        assert (await (await client.attach(job.job_id)).wait(30)).stdout == expected
+        wait_for(lambda: head.role_pids("broker") and head.role_pids("broker") != [broker], 20,
+                 what="a new broker")
+
+
+async def _outputs(job):
+    async for event in job.events(30):
+        if event["method"] == "process.output":
+            yield event["params"]["data"]
