@@ -375,14 +375,17 @@ def restart(ctx: click.Context, graceful: bool, watcher: str | None, timeout: fl
     daemon: Daemon = ctx.obj["daemon"]
     require_running(daemon)
     before = {row["pid"] for row in _watchers(daemon) if row["pid"]}
+    present = set(daemon.call("list").get("watchers", []))  # an executor node has executors only
+    if watcher and watcher not in present:
+        raise click.ClickException(f"this daemon runs no {watcher} (watchers: {', '.join(sorted(present))})")
     if graceful:
-        for name in [watcher] if watcher else ["handler", "broker"]:
+        for name in [watcher] if watcher else [w for w in ("handler", "broker") if w in present]:
             if name == "handler":
                 daemon.call("reload", name=name, graceful=True, sequential=True, waiting=True)
             else:
                 daemon.call("restart", name=name, waiting=True)
     else:
-        for name in [watcher] if watcher else config.WATCHERS:
+        for name in [watcher] if watcher else [w for w in config.WATCHERS if w in present]:
             daemon.call("restart", name=name, waiting=True)
     ok = wait_until(daemon.is_ready, timeout, "waiting for ready")
     after = {row["pid"] for row in _watchers(daemon) if row["pid"]}

@@ -141,6 +141,20 @@ def test_ccexecctl_status_lists_the_node(cluster):
     on_node = subprocess.run([ctl, "--config", str(node.config), "--state-dir", str(node.state_dir), "status"],
                              capture_output=True, text=True, timeout=30)
     assert on_node.returncode == 0 and "executor node far-node of tcp://" in on_node.stdout, on_node.stdout
+    refused = subprocess.run([ctl, "--state-dir", str(node.state_dir), "restart", "--watcher", "handler"],
+                             capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 1 and "this daemon runs no handler" in refused.stderr
+
+
+def test_restarting_a_node_brings_its_executors_back_to_the_head(cluster):
+    head, node, _, _ = cluster
+    ctl = str(Path(sys.executable).parent / "ccexecctl")
+    before = {e["pid"] for e in node_executors(head, "far-node")}
+    done = subprocess.run([ctl, "--state-dir", str(node.state_dir), "restart"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: (lambda now: now and not now & before)({e["pid"] for e in node_executors(head, "far-node")}),
+             20, what="the node's new executors registered, the old ones gone")
 
 
 @pytest.mark.parametrize("settings, args, message", [

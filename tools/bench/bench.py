@@ -135,10 +135,12 @@ class WebsocketdServer:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/"
 
-    async def __aenter__(self) -> "WebsocketdServer":
-        self.proc = subprocess.Popen(["websocketd", "--address", "127.0.0.1", "--port", str(self.port),
-                                      "--loglevel", "error", *self.program],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def command(self) -> list[str]:
+        return ["websocketd", "--address", "127.0.0.1", "--port", str(self.port), "--loglevel", "error",
+                *self.program]
+
+    async def __aenter__(self):
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -146,7 +148,17 @@ class WebsocketdServer:
                 return self
             except OSError:
                 await asyncio.sleep(0.05)
-        raise RuntimeError("websocketd did not start")
+        raise RuntimeError(f"{self.command()[0]} did not start")
+
+
+class FloorServer(WebsocketdServer):
+    """tools/bench/floor_server.py: the least any Python server must do per job."""
+
+    def __init__(self):
+        super().__init__([])
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(Path(__file__).with_name("floor_server.py")), str(self.port)]
 
     async def __aexit__(self, *exc: object) -> None:
         self.proc.terminate()
@@ -303,6 +315,14 @@ async def w1(sizes: Sizes, runs: int, res: Results, tmp: Path, websocketd: bool)
                 started = time.monotonic()
                 lat = await on_persistent(wsd.url, n, conc, lambda c: websocketd_command(c, "echo hello"))
                 record_latency(res, "W1 persistent", "websocketd", lat, time.monotonic() - started)
+        async with FloorServer() as floor:
+            for mode in ("per-connection", "persistent"):
+                started = time.monotonic()
+                if mode == "per-connection":
+                    lat = await bounded(n, conc, lambda: ccexec_job(floor.url, "echo hello"))
+                else:
+                    lat = await on_persistent(floor.url, n, conc, lambda c: ccexec_job(floor.url, "echo hello", ws=c))
+                record_latency(res, f"W1 {mode}", "python floor", lat, time.monotonic() - started)
         started = time.monotonic()
         lat = await bounded(n, conc, lambda: raw_job("echo hello"))
         record_latency(res, "W1 per-connection", "raw", lat, time.monotonic() - started)
@@ -352,6 +372,11 @@ async def w2_w3(sizes: Sizes, runs: int, res: Results, tmp: Path, websocketd: bo
                     size, took = await websocketd_oneshot(wsd.url)
                     record(res, workload, "MiB/s", "websocketd", size / took / 2**20, "higher")
                     record(res, workload, "exact", "websocketd", float(size == expected), "higher")
+            if workload.startswith("W2"):  # (the floor server reads lines of at most 64 KiB)
+                async with FloorServer() as floor:
+                    size, took = await ccexec_job(floor.url, command)
+                record(res, workload, "MiB/s", "python floor", size / took / 2**20, "higher")
+                record(res, workload, "exact", "python floor", float(size == expected), "higher")
             size, took = await raw_job(command)
             record(res, workload, "MiB/s", "raw", size / took / 2**20, "higher")
             record(res, workload, "exact", "raw", float(size == expected), "higher")
