@@ -44,6 +44,7 @@ CLOSE_SERVICE_RESTART = 1012
 # A send to a client that keeps up never suspends: after this many messages
 # a pump lets handshakes and other connections have the loop.
 YIELD_EVERY = 32
+COALESCE_BYTES = 64 << 10  # a batch of messages up to this size goes out in one write
 BROKER_TIMEOUT = 10.0  # seconds to wait for the broker (and executor) to answer a request
 CHUNK_FLUSH_DELAY = 0.05  # seconds of quiet before "chunks" mode sends a partial line
 HOOK_STATUS = {"enabled": False, "hooks_configured": []}
@@ -198,11 +199,11 @@ class JobStream:
             if not chunk:
                 return
             state.delivered += len(chunk)
-            for count, piece in enumerate(state.splitter.feed(chunk), 1):
-                await self.session.send(protocol.process_output(self.job_id, stream, piece))
-                if count % YIELD_EVERY == 0:
-                    await asyncio.sleep(0)
-            await asyncio.sleep(0)
+            pieces = state.splitter.feed(chunk)
+            for start in range(0, len(pieces), YIELD_EVERY):
+                await self.session.send_frames(
+                    protocol.process_output_frames(self.job_id, stream, pieces[start:start + YIELD_EVERY]))
+                await asyncio.sleep(0)
 
     async def complete(self) -> None:
         final = self.final
@@ -255,6 +256,19 @@ class Session:
     async def send(self, text: str) -> None:
         self.last_sent = time.monotonic()
         await self.ws.send(text)
+
+    async def send_frames(self, frames: list[bytes]) -> None:
+        """Text messages (UTF-8 bytes) with one flow-control wait, through
+        websockets' own send_context as its send() does for one: in lines
+        mode a chunk of output is many short messages."""
+        self.last_sent = time.monotonic()
+        async with self.ws.send_context():
+            for frame in frames:
+                self.ws.protocol.send_text(frame)
+            if sum(map(len, frames)) <= COALESCE_BYTES:
+                # Short messages in one write rather than one system call each;
+                # larger ones are left to send_context, which writes frame by frame.
+                self.ws.transport.write(b"".join(self.ws.protocol.data_to_send()))
 
     def job_done(self, job: JobStream) -> None:
         self.jobs.pop(job.job_id, None)
