@@ -18,7 +18,10 @@ import json
 import os
 from typing import Any
 
+import orjson
 import zmq
+
+from ccexec.protocol import encode_bytes
 
 # --- handler -> broker
 SUBMIT = b"SUBMIT"        # {job_id, spec, conn, after, client}
@@ -48,18 +51,21 @@ REREGISTER = b"REREGISTER"  # broker to an unknown peer: send READY again
 HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats on both faces
 HEARTBEAT_LIVENESS = 3    # missed heartbeats before a peer counts as dead
 HIGH_WATER_MARK = 1000    # queued messages per peer before EAGAIN
-DATA_HIGH_WATER_MARK = 64  # data plane: up to 64 KiB each, so at most 4 MiB queued per side
+DATA_HIGH_WATER_MARK = 16  # data plane: up to 256 KiB each, so at most 4 MiB queued per side
 
 
 def pack(kind: bytes, header: dict, *payload: bytes) -> list[bytes]:
-    return [kind, json.dumps(header, separators=(",", ":")).encode(), *payload]
+    return [kind, encode_bytes(header), *payload]
 
 
 def unpack(frames: list[bytes]) -> tuple[bytes, dict, list[bytes]]:
     """Split a message into (kind, header, payload frames)."""
     if len(frames) < 2:
         raise ValueError(f"short message of {len(frames)} frames")
-    header = json.loads(frames[1])
+    try:
+        header = orjson.loads(frames[1])
+    except orjson.JSONDecodeError:  # a header json wrote: an integer of 64+ bits, a lone surrogate
+        header = json.loads(frames[1].decode("utf-8", "surrogatepass"))
     if not isinstance(header, dict):
         raise ValueError("message header is not an object")
     return frames[0], header, frames[2:]

@@ -17,6 +17,7 @@ ends its jobs, as the head has recorded them lost.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import shutil
@@ -33,10 +34,12 @@ import zmq.asyncio
 from ccexec import bus, claude, config, leftovers, logs, policy, remote, stall
 from ccexec.journal import READ_BLOCK, JournalWriter, job_dir, read_range
 from ccexec.liveness import WatchdogPulse
+from ccexec.protocol import STREAMS
 
 log = logging.getLogger("ccexec.executor")
 
-READ_SIZE = 65536
+READ_SIZE = 256 << 10  # what one read of a pipe transport yields at most (asyncio max_size)
+PIPE_SIZE = 1 << 20  # the default pipe-max-size: any user may ask for it
 EXIT_DRAIN = 1.0  # seconds to wait for pipes after the job's leader exited
 INTERNAL_ENV_PREFIXES = ("CCEXEC_", "CIRCUS")
 CLAUDE_OFFLOAD_BYTES = 1 << 20  # a stdout line this long is parsed off the event loop
@@ -85,6 +88,26 @@ def signal_tree(pgid: int, sig: int) -> None:
             proc.send_signal(sig)
         except psutil.Error:
             pass
+
+
+def output_pipe() -> tuple[int, int]:
+    """(read end, write end) of a pipe with PIPE_SIZE of buffer (Linux gives
+    64 KiB): a fast writer then fills one read with up to READ_SIZE, and
+    every hop after it (journal, broker, handler) handles fewer, larger
+    messages. A refusal (past /proc/sys/fs/pipe-max-size) keeps the default."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass
+    return read_end, write_end
+
+
+async def pipe_reader(read_end: int) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_end, "rb", buffering=0))
+    return reader
 
 
 def kill_group(pgid: int, sig: int) -> None:
@@ -249,25 +272,26 @@ class Executor:
         stall_timeout = job.spec.get("stall_timeout")
         stall_timeout = self.settings.stall_timeout if stall_timeout is None else stall_timeout
         stdin_text = job.spec.get("stdin")
+        pipes = {stream: output_pipe() for stream in STREAMS}
         try:
             job.proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=cwd, env=job_environment(self.settings, job.spec.get("env") or {}),
                 stdin=asyncio.subprocess.PIPE if stdin_text is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True)
-        except FileNotFoundError:
-            return 127, "exit", f"command not found: {argv[0]}"
-        except PermissionError:
-            return 126, "exit", f"permission denied: {argv[0]}"
+                stdout=pipes["stdout"][1], stderr=pipes["stderr"][1], start_new_session=True)
         except OSError as exc:
-            return 126, "rejected", f"could not start: {exc}"
+            for read_end, _ in pipes.values():
+                os.close(read_end)
+            return self.spawn_failure(exc, argv[0])
+        finally:
+            for _, write_end in pipes.values():  # the job holds them now
+                os.close(write_end)
         job.pid, job.started_at = job.proc.pid, time.time()
+        readers = {stream: await pipe_reader(read_end) for stream, (read_end, _) in pipes.items()}
         if self.settings.remote:
             await self.in_thread(leftovers.record_owner, self.settings.jobs_dir, job.job_id, job.pid)
         await self.send(bus.STARTED, {"job_id": job.job_id, "pid": job.pid, "pgid": job.pid,
                                       "started_at": job.started_at})
-        pumps = [asyncio.ensure_future(self.pump(job, journal, "stdout", job.proc.stdout)),
-                 asyncio.ensure_future(self.pump(job, journal, "stderr", job.proc.stderr))]
+        pumps = [asyncio.ensure_future(self.pump(job, journal, stream, reader)) for stream, reader in readers.items()]
         feeder = asyncio.ensure_future(self.feed_stdin(job.proc, stdin_text)) if stdin_text is not None else None
         monitor = asyncio.ensure_future(self.watch_stall(job, stall_timeout)) if stall_timeout else None
         await self.wait_leader(job)
@@ -277,6 +301,14 @@ class Executor:
         if feeder is not None:
             feeder.cancel()
         return self.outcome(job)
+
+    @staticmethod
+    def spawn_failure(exc: OSError, program: str) -> tuple[int, str, str]:
+        if isinstance(exc, FileNotFoundError):
+            return 127, "exit", f"command not found: {program}"
+        if isinstance(exc, PermissionError):
+            return 126, "exit", f"permission denied: {program}"
+        return 126, "rejected", f"could not start: {exc}"
 
     async def wait_leader(self, job: RunningJob) -> None:
         timeout, capped = policy.job_timeout(job.spec.get("timeout"), self.settings.max_job_seconds)
