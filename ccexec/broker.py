@@ -160,6 +160,7 @@ class Broker:
             self.prune_if_due()
             self.send_heartbeats_if_due()
             self.publish_positions()
+            self.store.commit()
             if self.pulse:
                 self.pulse.beat_if_due()
             if self.remote:

@@ -50,23 +50,35 @@ class JobStore:
             self.db.execute("ALTER TABLE jobs ADD COLUMN node TEXT")
 
     def close(self) -> None:
+        self.commit()
         self.db.close()
 
-    # -- writes (the broker's)
+    # -- writes (the broker's): grouped into one transaction until commit()
+
+    def _write(self, sql: str, params: tuple) -> None:
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN")
+        self.db.execute(sql, params)
+
+    def commit(self) -> None:
+        """End the current group of writes: the broker calls this once per
+        loop turn, so a busy turn's many job updates cost one commit."""
+        if self.db.in_transaction:
+            self.db.execute("COMMIT")
 
     def accepted(self, job_id: str, spec: dict, client: str | None, state: str) -> None:
-        self.db.execute(
+        self._write(
             "INSERT OR IGNORE INTO jobs (job_id, name, command, state, client, created_at) VALUES (?,?,?,?,?,?)",
             (job_id, spec.get("name"), describe_command(spec), state, client, time.time()))
 
     def started(self, job_id: str, pid: int | None, pgid: int | None, started_at: float | None,
                 node: str | None = None) -> None:
         """node: the executor node's name for a job on another host (whose pgid is not ours to kill)."""
-        self.db.execute("UPDATE jobs SET state='running', pid=?, pgid=?, started_at=?, node=? WHERE job_id=?",
+        self._write("UPDATE jobs SET state='running', pid=?, pgid=?, started_at=?, node=? WHERE job_id=?",
                         (pid, None if node else pgid, started_at or time.time(), node, job_id))
 
     def finished(self, completed: dict) -> None:
-        self.db.execute(
+        self._write(
             "UPDATE jobs SET state='finished', exit_code=?, reason=?, error=?, finished_at=?,"
             " stdout_bytes=COALESCE(?, stdout_bytes), stderr_bytes=COALESCE(?, stderr_bytes),"
             " pid=COALESCE(?, pid), completed=? WHERE job_id=?",
@@ -119,7 +131,7 @@ class JobStore:
                 total -= size
         for job_id in victims:
             shutil.rmtree(job_dir(self.jobs_dir, job_id), ignore_errors=True)
-            self.db.execute("DELETE FROM jobs WHERE job_id=?", (job_id,))
+            self._write("DELETE FROM jobs WHERE job_id=?", (job_id,))
         return len(victims)
 
 
