@@ -101,13 +101,17 @@ class CcexecServer:
         self.ready_after = time.monotonic() - started
         return self
 
-    def rss(self) -> int:
-        """Resident memory of the daemon's own processes (not its jobs)."""
+    def memory(self) -> tuple[int, int]:
+        """Memory of the daemon's own processes (not its jobs): (RSS summed,
+        PSS summed). RSS counts the pages processes share (the interpreter,
+        libraries) once per process; PSS splits them, so its sum is what
+        the pool really holds. Blocking: call it in a thread."""
         try:
             procs = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children()
-            return sum(p.memory_info().rss for p in procs)
+            infos = [p.memory_full_info() for p in procs]
+            return sum(m.rss for m in infos), sum(m.pss for m in infos)
         except psutil.Error:
-            return 0
+            return 0, 0
 
     def per_process(self) -> dict[str, float]:
         rows = {}
@@ -389,13 +393,13 @@ async def w4(sizes: Sizes, runs: int, res: Results, tmp: Path) -> None:
     n = sizes.w4_connections
     for _ in range(runs):
         async with CcexecServer(tmp, slots=-(-n // 2)) as server:
-            peak = server.rss()
+            peak = await asyncio.to_thread(server.memory)
             sampling = True
 
             async def sample() -> None:
                 nonlocal peak
                 while sampling:
-                    peak = max(peak, server.rss())
+                    peak = tuple(map(max, peak, await asyncio.to_thread(server.memory)))
                     await asyncio.sleep(0.1)
             sampler = asyncio.ensure_future(sample())
             started = time.monotonic()
@@ -407,7 +411,8 @@ async def w4(sizes: Sizes, runs: int, res: Results, tmp: Path) -> None:
             done = sum(1 for o in outcomes if not isinstance(o, Exception) and o[0] == 5)
             record(res, f"W4 {n} x sleep 2", "completed %", "ccexec", 100.0 * done / n, "higher")
             record(res, f"W4 {n} x sleep 2", "wall s", "ccexec", wall, "lower")
-            record(res, f"W4 {n} x sleep 2", "peak RSS MiB", "ccexec", peak / 2**20, "lower")
+            record(res, f"W4 {n} x sleep 2", "peak RSS MiB", "ccexec", peak[0] / 2**20, "lower")
+            record(res, f"W4 {n} x sleep 2", "peak PSS MiB", "ccexec", peak[1] / 2**20, "lower")
 
 
 async def handshake_latencies(url: str, probes: int) -> list[float]:
@@ -466,7 +471,9 @@ async def idle(runs: int, res: Results, tmp: Path) -> None:
     for _ in range(runs):
         async with CcexecServer(tmp) as server:
             await asyncio.sleep(1.0)  # settle after start: this measures the idle daemon
-            record(res, "Idle default pool", "RSS MiB", "ccexec", server.rss() / 2**20, "lower")
+            rss, pss = await asyncio.to_thread(server.memory)
+            record(res, "Idle default pool", "RSS MiB", "ccexec", rss / 2**20, "lower")
+            record(res, "Idle default pool", "PSS MiB", "ccexec", pss / 2**20, "lower")
             record(res, "Idle default pool", "ready s", "ccexec", server.ready_after, "lower")
             res.notes.append("idle RSS per process (MiB): " + json.dumps(server.per_process()))
 
