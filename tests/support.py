@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import configparser
+import ctypes
 import functools
+import http.client
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +26,8 @@ import uuid
 from pathlib import Path
 
 import psutil
+
+from ccexec.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_CLAUDE_DIR = ROOT / "tests" / "fake_claude"
@@ -71,8 +76,10 @@ class Daemon:
     """A real ccexecd on a free loopback port, in its own temp directory."""
 
     def __init__(self, tmp: Path, settings: dict | None = None, env: dict | None = None,
-                 handlers: int = 2, executors: int = 2, sections: dict[str, dict] | None = None):
+                 handlers: int = 2, executors: int = 2, sections: dict[str, dict] | None = None,
+                 netns: str | None = None):
         self.tmp = tmp
+        self.netns = netns  # run inside this network namespace (its loopback is not ours)
         self.port = free_port()
         self.state_dir = tmp / "state"
         self.workdir = tmp / "work"
@@ -106,9 +113,12 @@ class Daemon:
             ini.write(f)
 
     def command(self) -> list[str]:
-        return [*CCEXECD, "--config", str(self.config), "--port", str(self.port),
-                "--state-dir", str(self.state_dir), "--handlers", str(self.handlers),
-                "--executors", str(self.executors)]
+        return self.in_netns([*CCEXECD, "--config", str(self.config), "--port", str(self.port),
+                              "--state-dir", str(self.state_dir), "--handlers", str(self.handlers),
+                              "--executors", str(self.executors)])
+
+    def in_netns(self, command: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *command] if self.netns else command
 
     def start(self, timeout: float = 20) -> "Daemon":
         self.log = open(self.log_path, "ab")
@@ -121,7 +131,7 @@ class Daemon:
         if self.proc.poll() is not None:
             raise RuntimeError(f"ccexecd exited with {self.proc.returncode}:\n{self.log_tail()}")
         try:
-            if http_get(self.port, "/ready", timeout=2)[0] != 200:
+            if self.get("/ready", timeout=2)[0] != 200:
                 return False
             # Answered by one of this daemon's own handlers, not a stale one.
             return psutil.Process(self.health()["handler_pid"]).ppid() == self.proc.pid
@@ -132,7 +142,26 @@ class Daemon:
         wait_for(self.ready, timeout, 0.05, "daemon ready")
 
     def health(self) -> dict:
-        return json.loads(http_get(self.port, "/health")[1])
+        return json.loads(self.get("/health")[1])
+
+    def get(self, path: str, timeout: float = 5) -> tuple[int, bytes]:
+        """An HTTP GET of the daemon's port, from its network namespace."""
+        if self.netns is None:
+            return http_get(self.port, path, timeout)[:2]
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        connection.sock = connect_in_netns(self.netns, self.port, timeout)
+        try:
+            connection.request("GET", path)
+            reply = connection.getresponse()
+            return reply.status, reply.read()
+        finally:
+            connection.close()
+
+    def client(self, **kwargs) -> Client:
+        """A ccexec client of this daemon (one connection, made in its namespace)."""
+        if self.netns is not None:
+            kwargs.update(resume=False, sock=connect_in_netns(self.netns, self.port))
+        return Client(self.url, **kwargs)
 
     def processes(self) -> list[psutil.Process]:
         return psutil.Process(self.proc.pid).children(recursive=True)
@@ -210,6 +239,36 @@ def ticker(lines: int, interval: float, word: str = "tick") -> tuple[str, str]:
     return command, "".join(f"{word} {i:04d}\n" for i in range(lines))
 
 
+CLONE_NEWNET = 0x40000000
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def connect_in_netns(netns: str, port: int, timeout: float = 5) -> socket.socket:
+    """A TCP connection to 127.0.0.1:port of network namespace netns. Only a
+    short-lived thread enters the namespace (on Linux a thread's namespace
+    is its own); the socket stays in it for whoever uses it after."""
+    outcome: dict = {}
+
+    def enter_and_connect() -> None:
+        try:
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+            try:
+                if LIBC.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into {netns} failed")
+            finally:
+                os.close(fd)
+            outcome["sock"] = socket.create_connection(("127.0.0.1", port), timeout)
+        except OSError as exc:
+            outcome["error"] = exc
+    thread = threading.Thread(target=enter_and_connect)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    outcome["sock"].settimeout(None)
+    return outcome["sock"]
+
+
 def line_printer(lines: int) -> tuple[list[str], str]:
     """argv of a job printing `lines` numbered lines as fast as it can, and its exact output."""
     code = f"for i in range({lines}): print(f'line {{i:06d}} {{\"x\" * 24}}')"
@@ -223,6 +282,16 @@ def make_keys(directory: Path, *names: str) -> dict[str, tuple[Path, Path]]:
         subprocess.run([ctl, "keys", "generate", name, "--dir", str(directory)], check=True,
                        capture_output=True, timeout=30)
     return {n: (directory / f"{n}.key", directory / f"{n}.key_secret") for n in names}
+
+
+def cluster_keys(directory: Path) -> tuple[dict[str, tuple[Path, Path]], Path]:
+    """Key pairs of a head, a node "far" and a "rogue" one, and the head's
+    curve_clients directory, which lists far only."""
+    keys = make_keys(directory / "keys", "head", "far", "rogue")
+    clients = directory / "clients"
+    clients.mkdir()
+    (clients / "far.key").write_bytes(keys["far"][0].read_bytes())
+    return keys, clients
 
 
 def remote_head_settings(endpoint: str, server: tuple[Path, Path], clients: Path) -> dict:
@@ -239,13 +308,13 @@ class ExecutorNode(Daemon):
                  settings: dict | None = None):
         super().__init__(tmp, {"curve_secret_key": str(keys[1]), "curve_server_key": str(server_public),
                                "labels": labels, "node_name": node_name, **(settings or {})},
-                         executors=executors)
-        self.broker, self.netns, self.node_name = broker, netns, node_name
+                         executors=executors, netns=netns)
+        self.broker, self.node_name = broker, node_name
 
     def command(self) -> list[str]:
-        command = [*CCEXECD, "--config", str(self.config), "--role", "executor", "--broker", self.broker,
-                   "--state-dir", str(self.state_dir), "--executors", str(self.executors)]
-        return ["ip", "netns", "exec", self.netns, *command] if self.netns else command
+        return self.in_netns([*CCEXECD, "--config", str(self.config), "--role", "executor",
+                              "--broker", self.broker, "--state-dir", str(self.state_dir),
+                              "--executors", str(self.executors)])
 
     def ready(self) -> bool:
         """Its executors run (the head's health tells whether they registered)."""

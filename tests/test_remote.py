@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from ccexec.client import Client
-from support import (Daemon, ExecutorNode, async_test, free_port, line_printer, make_keys, node_executors,
+from support import (Daemon, ExecutorNode, async_test, cluster_keys, free_port, line_printer, node_executors,
                      remote_head_settings, wait_for)
 
 PRINT_LINES, EXPECTED = line_printer(60_000)  # about 2.3 MiB of output: many network chunks
@@ -25,10 +25,7 @@ PRINT_LINES, EXPECTED = line_printer(60_000)  # about 2.3 MiB of output: many ne
 def cluster(tmp_path_factory):
     """A head with one local executor and a node (label site=far, 2 slots)."""
     tmp = tmp_path_factory.mktemp("cluster")
-    keys = make_keys(tmp / "keys", "head", "far", "rogue")
-    clients = tmp / "clients"
-    clients.mkdir()
-    (clients / "far.key").write_bytes(keys["far"][0].read_bytes())
+    keys, clients = cluster_keys(tmp)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     head = Daemon(tmp / "head", remote_head_settings(endpoint, keys["head"], clients), executors=1)
     node = ExecutorNode(tmp / "node", endpoint, keys["far"], keys["head"][0], "far-node", labels="site=far",

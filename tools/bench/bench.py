@@ -300,18 +300,23 @@ def throughput(latencies: list[float], wall: float) -> float:
     return len(latencies) / wall
 
 
+async def w1_jsonrpc(url: str, sizes: Sizes, res: Results, target: str) -> None:
+    """W1 both ways against a server speaking ccexec's protocol (ccexec, the floor)."""
+    n, conc = sizes.w1_jobs, sizes.w1_concurrency
+    for mode in ("per-connection", "persistent"):
+        started = time.monotonic()
+        if mode == "per-connection":
+            lat = await bounded(n, conc, lambda: ccexec_job(url, "echo hello"))
+        else:
+            lat = await on_persistent(url, n, conc, lambda c: ccexec_job(url, "echo hello", ws=c))
+        record_latency(res, f"W1 {mode}", target, lat, time.monotonic() - started)
+
+
 async def w1(sizes: Sizes, runs: int, res: Results, tmp: Path, websocketd: bool) -> None:
     n, conc = sizes.w1_jobs, sizes.w1_concurrency
     for _ in range(runs):
         async with CcexecServer(tmp) as server:
-            for mode in ("per-connection", "persistent"):
-                started = time.monotonic()
-                if mode == "per-connection":
-                    lat = await bounded(n, conc, lambda: ccexec_job(server.url, "echo hello"))
-                else:
-                    lat = await on_persistent(server.url, n, conc, lambda c: ccexec_job(server.url, "echo hello", ws=c))
-                wall = time.monotonic() - started
-                record_latency(res, f"W1 {mode}", "ccexec", lat, wall)
+            await w1_jsonrpc(server.url, sizes, res, "ccexec")
         if websocketd:
             async with WebsocketdServer(["sh", "-c", "echo hello"]) as wsd:
                 started = time.monotonic()
@@ -322,13 +327,7 @@ async def w1(sizes: Sizes, runs: int, res: Results, tmp: Path, websocketd: bool)
                 lat = await on_persistent(wsd.url, n, conc, lambda c: websocketd_command(c, "echo hello"))
                 record_latency(res, "W1 persistent", "websocketd", lat, time.monotonic() - started)
         async with FloorServer() as floor:
-            for mode in ("per-connection", "persistent"):
-                started = time.monotonic()
-                if mode == "per-connection":
-                    lat = await bounded(n, conc, lambda: ccexec_job(floor.url, "echo hello"))
-                else:
-                    lat = await on_persistent(floor.url, n, conc, lambda c: ccexec_job(floor.url, "echo hello", ws=c))
-                record_latency(res, f"W1 {mode}", "python floor", lat, time.monotonic() - started)
+            await w1_jsonrpc(floor.url, sizes, res, "python floor")
         started = time.monotonic()
         lat = await bounded(n, conc, lambda: raw_job("echo hello"))
         record_latency(res, "W1 per-connection", "raw", lat, time.monotonic() - started)
