@@ -394,17 +394,17 @@ class Broker:
             self.ask_to_register(face, identity)
             return
         peer.last_seen = time.monotonic()
-        if kind == bus.OUTPUT:
+        if kind in (bus.OUTPUT, bus.STARTED, bus.CLAUDE_EVENT):
             job = self.jobs.get(header.get("job_id"))
-            if job is not None and peer.remote:
+            if job is None or not self.speaks_for(peer, job):
+                return
+            if kind == bus.OUTPUT and peer.remote:
                 self.relay_replicated(peer, job, header, payload[0])
-            elif job is not None:
+            elif kind == bus.OUTPUT:
                 self.to_subscribers(job, bus.OUTPUT, header, *payload)
-        elif kind == bus.STARTED:
-            self.on_started(header)
-        elif kind == bus.CLAUDE_EVENT:  # control plane, like STARTED: never dropped for output
-            job = self.jobs.get(header.get("job_id"))
-            if job is not None:
+            elif kind == bus.STARTED:
+                self.on_started(job, header)
+            else:  # CLAUDE_EVENT: control plane, like STARTED: never dropped for output
                 self.to_subscribers(job, bus.CLAUDE_EVENT, header)
         elif kind == bus.COMPLETED:
             self.on_completed(peer, header)
@@ -412,6 +412,15 @@ class Broker:
             handler = self.pending_controls.pop(str(header.get("ref", "")), None)
             if handler is not None:
                 self.to_handler(handler, bus.CONTROL_RESULT, header)
+
+    def speaks_for(self, peer: Peer, job: Job) -> bool:
+        """An executor node tells only of the jobs it was given: its key
+        admits it to the pool, not to other hosts' jobs."""
+        if not peer.remote or job.executor == peer.identity:
+            return True
+        logs.event(log, "executor.foreign_job", logging.WARNING, executor=peer.identity.decode(errors="replace"),
+                   job_id=job.job_id)
+        return False
 
     def register_executor(self, identity: bytes, header: dict, face: zmq.Socket) -> None:
         labels = header.get("labels")
@@ -433,8 +442,7 @@ class Broker:
         """A job an executor runs that this broker (restarted) did not know,
         or that a returning executor node still runs."""
         job_id = running["job_id"]
-        known = self.store.get(job_id) if job_id not in self.jobs else None
-        if known is not None and known["state"] == "finished":  # already ended here as lost: end it there too
+        if not self.may_adopt(peer, job_id):  # e.g. already ended here as lost: end it there too
             self.to_executor(peer.identity, bus.CONTROL, {"job_id": job_id, "action": "CANCEL", "ref": ""})
             return
         job = self.jobs.get(job_id) or self.claim(job_id)
@@ -448,10 +456,18 @@ class Broker:
         job.pid, job.pgid, job.started_at = running.get("pid"), running.get("pgid"), running.get("started_at")
         peer.jobs.add(job_id)
 
-    def on_started(self, header: dict) -> None:
-        job = self.jobs.get(header.get("job_id"))
-        if job is None:
-            return
+    def may_adopt(self, peer: Peer, job_id: str) -> bool:
+        """A job that is not over; from a node, only one this broker (or the
+        one before it) gave that node."""
+        current = self.jobs.get(job_id)
+        if peer.remote:
+            record = self.unclaimed.get(job_id)
+            return (current is not None and current.executor == peer.identity) or \
+                (record is not None and record["node"] == peer.node)
+        known = self.store.get(job_id) if current is None else None
+        return known is None or known["state"] != "finished"
+
+    def on_started(self, job: Job, header: dict) -> None:
         job.state, job.pid, job.pgid = "running", header.get("pid"), header.get("pgid")
         job.started_at = header.get("started_at")
         node = self.executors[job.executor].node if job.remote and job.executor in self.executors else None
@@ -464,7 +480,9 @@ class Broker:
     def on_completed(self, peer: Peer, header: dict) -> None:
         job_id = bus.header_field(header, "job_id", str)
         job = self.jobs.get(job_id) or self.claim(job_id)
-        if job is not None and peer.remote and not self.replica_complete(peer, job, header):
+        if job is not None and peer.remote and not self.speaks_for(peer, job):
+            job = None  # acknowledged, so the node stops telling, and otherwise ignored
+        elif job is not None and peer.remote and not self.replica_complete(peer, job, header):
             return  # no ack: the node sends COMPLETED again after the missing output
         self.to_executor(peer.identity, bus.COMPLETED_ACK, {"job_id": job_id})
         if job is not None:

@@ -4,6 +4,7 @@ The network-namespace test of the link itself is in test_netns.py."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -13,8 +14,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+import zmq
 
+from ccexec import bus, remote
 from ccexec.client import Client
+from ccexec.config import Settings
 from support import (Daemon, ExecutorNode, async_test, cluster_keys, free_port, line_printer, node_executors,
                      remote_head_settings, wait_for)
 
@@ -189,3 +193,46 @@ async def _outputs(job):
     async for event in job.events(30):
         if event["method"] == "process.output":
             yield event["params"]["data"]
+
+
+@async_test(60)
+async def test_a_node_cannot_speak_for_jobs_it_was_not_given(cluster):
+    """A node's key admits it to the pool, not to other executors' jobs: a
+    node (here a raw ZeroMQ peer with an allowed key) claiming a running job
+    is told to cancel its copy, and its output and end for it are ignored."""
+    head, _, keys, endpoint = cluster
+    ctx = zmq.Context()
+    intruder = remote.connect_to_head(ctx, Settings(curve_secret_key=str(keys["far"][1]),
+                                                    curve_server_key=str(keys["head"][0]), broker=endpoint),
+                                      b"executor-intruder-1")
+    try:
+        async with Client(head.url) as client:
+            job = await client.execute("echo first; sleep 2; echo second")  # on the head's own executor
+            assert await anext(_outputs(job)) == "first\n"
+            claim = {"job_id": job.job_id, "pid": 1, "pgid": 1, "started_at": time.time(), "spec": {}}
+            intruder.send_multipart(bus.pack(bus.READY, {"role": "executor", "pid": 1, "capacity": 0,
+                                                         "jobs": [claim], "completed": [], "node": "intruder"}))
+            told = await asyncio.to_thread(_receive_kind, intruder, bus.CONTROL, 10)
+            assert told == {"job_id": job.job_id, "action": "CANCEL", "ref": ""}
+            intruder.send_multipart(bus.pack(bus.OUTPUT, {"job_id": job.job_id, "stream": "stdout", "offset": 6},
+                                             b"forged\n"))
+            intruder.send_multipart(bus.pack(bus.COMPLETED, {"job_id": job.job_id, "exit_code": 0, "reason": "exit",
+                                                             "stdout_bytes": 13, "stderr_bytes": 0}))
+            result = await job.wait(30)
+            assert result.stdout == "first\nsecond\n" and result.exit_code == 0
+        wait_for(lambda: "executor.foreign_job" in head.log_path.read_text(errors="replace"), 10,
+                 what="the head logs the foreign claims")
+    finally:
+        intruder.close(linger=0)
+        ctx.term()
+
+
+def _receive_kind(sock: zmq.Socket, kind: bytes, timeout: float) -> dict | None:
+    """The header of the first message of this kind within timeout (others skipped)."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if sock.poll(left * 1000):
+            got, header, _ = bus.unpack(sock.recv_multipart())
+            if got == kind:
+                return header
+    return None
