@@ -453,12 +453,12 @@ def jobs(ctx: click.Context, state: str | None, since: str | None, limit: int) -
         records = [r for r in records if (r["created_at"] or 0) >= oldest]
 
     def human(rows):
-        click.echo(f"{'JOB ID':<32}  {'STATE':<8} {'EXIT':>5} {'REASON':<9} {'AGE':>5}  COMMAND")
+        click.echo(f"{'JOB ID':<32}  {'STATE':<8} {'EXIT':>5} {'REASON':<9} {'AGE':>5}  {'NODE':<12} COMMAND")
         for r in rows:
             exit_code = "-" if r["exit_code"] is None else r["exit_code"]
             click.echo(f"{r['job_id']:<32}  {r['state']:<8} {exit_code:>5} {r['reason'] or '-':<9} "
-                       f"{_age(r['created_at']):>5}  {(r['name'] + ': ') if r.get('name') else ''}"
-                       f"{(r['command'] or '')[:60]}")
+                       f"{_age(r['created_at']):>5}  {r.get('node') or '-':<12} "
+                       f"{(r['name'] + ': ') if r.get('name') else ''}{(r['command'] or '')[:60]}")
     emit(ctx, records, human)
 
 

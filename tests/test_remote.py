@@ -139,6 +139,9 @@ def test_ccexecctl_status_lists_the_node(cluster):
     assert shown.returncode == 0, shown.stderr
     rows = [line.split() for line in shown.stdout.splitlines() if "far-node" in line]
     assert rows and all(r[2] == "2" and r[-1] == "site=far" for r in rows), shown.stdout
+    listed = subprocess.run([ctl, "--config", str(head.config), "--state-dir", str(head.state_dir), "jobs"],
+                            capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0 and " far-node " in listed.stdout, listed.stdout
     on_node = subprocess.run([ctl, "--config", str(node.config), "--state-dir", str(node.state_dir), "status"],
                              capture_output=True, text=True, timeout=30)
     assert on_node.returncode == 0 and "executor node far-node of tcp://" in on_node.stdout, on_node.stdout
