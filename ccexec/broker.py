@@ -175,13 +175,14 @@ class Broker:
         """Handle up to `budget` waiting messages, so neither face starves."""
         for _ in range(budget):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                # copy=False: output's payload frame is relayed without being copied into Python
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            identity, rest = frames[0], frames[1:]
+            identity = frames[0].bytes
             try:
-                kind, header, payload = bus.unpack(rest)
-                handle(identity, kind, header, payload)
+                kind, header, _ = bus.unpack([frame.bytes for frame in frames[1:3]])
+                handle(identity, kind, header, [frame.buffer for frame in frames[3:]])
             except (ValueError, KeyError, TypeError) as exc:
                 logs.event(log, "broker.bad_message", logging.WARNING,
                            peer=identity.decode(errors="replace"), error=exc)
@@ -255,7 +256,7 @@ class Broker:
 
     # ------------------------------------------------------------ handlers
 
-    def on_handler_message(self, identity: bytes, kind: bytes, header: dict, payload: list[bytes]) -> None:
+    def on_handler_message(self, identity: bytes, kind: bytes, header: dict, payload: list[memoryview]) -> None:
         peer = self.handlers.get(identity)
         if kind == bus.READY:
             self.register_handler(identity, header)
@@ -383,7 +384,7 @@ class Broker:
 
     # ------------------------------------------------------------ executors
 
-    def on_executor_message(self, identity: bytes, kind: bytes, header: dict, payload: list[bytes],
+    def on_executor_message(self, identity: bytes, kind: bytes, header: dict, payload: list[memoryview],
                             face: zmq.Socket | None = None) -> None:
         face = face or self.backend
         if kind == bus.READY:
@@ -490,7 +491,7 @@ class Broker:
 
     # ------------------------------------------------------------ remote jobs' journals
 
-    def relay_replicated(self, peer: Peer, job: Job, header: dict, data: bytes) -> None:
+    def relay_replicated(self, peer: Peer, job: Job, header: dict, data: memoryview) -> None:
         """Output of a job on an executor node: into this host's journal first
         (where handlers read it), then on to the subscribers."""
         stream, offset = bus.header_field(header, "stream", str), bus.header_field(header, "offset", int)
