@@ -416,8 +416,8 @@ def reload(ctx: click.Context) -> None:
     if answer.get("status") != "ok":
         click.echo(f"Circus refused the new config: {answer.get('reason')}", err=True)
         sys.exit(EXIT_FAILED)
-    emit(ctx, {"handlers": fresh.handlers, "executors": fresh.executors},
-         lambda d: click.echo(f"reloaded: {d['handlers']} handlers, {d['executors']} executors"))
+    pool = {"executors": fresh.executors} if fresh.remote else {"handlers": fresh.handlers, "executors": fresh.executors}
+    emit(ctx, pool, lambda d: click.echo("reloaded: " + " ".join(f"{k}={n}" for k, n in d.items())))
 
 
 def _age(timestamp: float | None) -> str:

@@ -159,6 +159,9 @@ def test_restarting_a_node_brings_its_executors_back_to_the_head(cluster):
     assert done.returncode == 0, done.stderr
     wait_for(lambda: (lambda now: now and not now & before)({e["pid"] for e in node_executors(head, "far-node")}),
              20, what="the node's new executors registered, the old ones gone")
+    reloaded = subprocess.run([ctl, "--state-dir", str(node.state_dir), "reload"], capture_output=True, text=True,
+                              timeout=60)
+    assert reloaded.returncode == 0 and reloaded.stdout.strip() == "reloaded: executors=1", reloaded.stdout
 
 
 @pytest.mark.parametrize("settings, args, message", [
