@@ -22,7 +22,7 @@ from ccexec.config import Settings
 from support import (Daemon, ExecutorNode, async_test, cluster_keys, free_port, line_printer, node_executors,
                      remote_head_settings, wait_for)
 
-PRINT_LINES, EXPECTED = line_printer(60_000)  # about 2.3 MiB of output: many network chunks
+PRINT_LINES, EXPECTED = line_printer(60_000)  # 2.2 MB of output: many network chunks
 
 
 @pytest.fixture(scope="module")
