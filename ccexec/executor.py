@@ -65,11 +65,15 @@ class RunningJob:
                 "started_at": self.started_at, "spec": self.spec}
 
 
-def job_environment(settings: config.Settings, requested: dict[str, str]) -> dict[str, str]:
-    """The daemon's environment (without its internal variables) after the
-    environment policy: env_pass, env_set, the request's env as far as
-    env_client_allow lets it, and env_remove last (policy.job_environment)."""
-    daemon_env = {k: v for k, v in os.environ.items() if not k.startswith(INTERNAL_ENV_PREFIXES)}
+def daemon_environment() -> dict[str, str]:
+    """The daemon's environment without its internal variables: what jobs start from."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(INTERNAL_ENV_PREFIXES)}
+
+
+def job_environment(settings: config.Settings, daemon_env: dict[str, str], requested: dict[str, str]) -> dict[str, str]:
+    """daemon_env after the environment policy: env_pass, env_set, the
+    request's env as far as env_client_allow lets it, and env_remove last
+    (policy.job_environment)."""
     return policy.job_environment(daemon_env, env_pass=settings.env_pass, env_set=settings.env_set,
                                   requested=requested, client_allow=settings.env_client_allow,
                                   remove=settings.env_remove)
@@ -139,6 +143,7 @@ class Executor:
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="journal")
         self.broker_seen = time.monotonic()
         self.stopping = asyncio.Event()
+        self.daemon_env = daemon_environment()  # read once: the process's environment does not change
 
     # ------------------------------------------------------------ broker link
 
@@ -275,7 +280,7 @@ class Executor:
         pipes = {stream: output_pipe() for stream in STREAMS}
         try:
             job.proc = await asyncio.create_subprocess_exec(
-                *argv, cwd=cwd, env=job_environment(self.settings, job.spec.get("env") or {}),
+                *argv, cwd=cwd, env=job_environment(self.settings, self.daemon_env, job.spec.get("env") or {}),
                 stdin=asyncio.subprocess.PIPE if stdin_text is not None else asyncio.subprocess.DEVNULL,
                 stdout=pipes["stdout"][1], stderr=pipes["stderr"][1], start_new_session=True)
         except OSError as exc:
