@@ -66,6 +66,8 @@ def recover(settings: config.Settings, effective_config: str) -> None:
     leftovers.reap_orphan_jobs(settings)
     if not settings.remote:
         check_port_free(settings.host, settings.port)
+    if settings.remote_listen:  # the broker binds it; a clash would only show as a broker that keeps dying
+        check_port_free(*config.remote_listen_address(settings.remote_listen))
 
 
 def free_udp_port() -> int:

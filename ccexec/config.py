@@ -172,6 +172,14 @@ def _labels(text: str) -> dict[str, str]:
     return labels
 
 
+def remote_listen_address(endpoint: str) -> tuple[str, int]:
+    """(host, port) of a tcp://ADDRESS:PORT endpoint; `*` is every address."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if not endpoint.startswith("tcp://") or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"[ccexec] remote_listen must be tcp://ADDRESS:PORT, got {endpoint!r}")
+    return ("0.0.0.0" if host == "*" else host.strip("[]")), int(port)
+
+
 def check_remote(s: Settings) -> None:
     """A remote link runs over TCP with CURVE only, and needs its keys."""
     if s.role not in ROLES:
@@ -183,8 +191,7 @@ def check_remote(s: Settings) -> None:
             raise ConfigError("an executor node needs [ccexec] curve_secret_key (its own key pair's "
                               ".key_secret file) and curve_server_key (the head's public .key file)")
     if s.remote_listen:
-        if not s.remote_listen.startswith("tcp://"):
-            raise ConfigError(f"[ccexec] remote_listen must be tcp://ADDRESS:PORT, got {s.remote_listen!r}")
+        remote_listen_address(s.remote_listen)
         if not (s.curve_secret_key and s.curve_clients):
             raise ConfigError("[ccexec] remote_listen needs curve_secret_key (the head's .key_secret file) "
                               "and curve_clients (a directory of the executor nodes' public .key files)")

@@ -126,6 +126,13 @@ def test_env_set_parses_name_value_pairs():
     assert settings.env_set == {"A": "1", "B": "two words", "C": ""}
 
 
+@pytest.mark.parametrize("endpoint, address", [("tcp://10.0.0.1:8005", ("10.0.0.1", 8005)),
+                                               ("tcp://*:8005", ("0.0.0.0", 8005)),
+                                               ("tcp://[::1]:8005", ("::1", 8005))])
+def test_remote_listen_address(endpoint, address):
+    assert config.remote_listen_address(endpoint) == address
+
+
 def test_labels_parse_as_name_value_pairs():
     assert _settings_with("ccexec", "labels", "gpu=a100 site=eu-1").labels == {"gpu": "a100", "site": "eu-1"}
 
@@ -143,6 +150,9 @@ def test_bad_labels_name_the_key(value):
     ({"role": "executor", "broker": "tcp://h:1"}, "curve_secret_key"),
     ({"role": "executor", "broker": "tcp://h:1", "curve_secret_key": "/k"}, "curve_server_key"),
     ({"remote_listen": "10.0.0.1:8005"}, "remote_listen must be tcp://"),
+    ({"remote_listen": "tcp://10.0.0.1"}, "remote_listen must be tcp://"),
+    ({"remote_listen": "tcp://:8005"}, "remote_listen must be tcp://"),
+    ({"remote_listen": "tcp://10.0.0.1:70000"}, "remote_listen must be tcp://"),
     ({"remote_listen": "tcp://10.0.0.1:8005"}, "curve_clients"),
 ])
 def test_remote_links_need_tcp_and_their_keys(settings, message):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -242,3 +243,15 @@ def _receive_kind(sock: zmq.Socket, kind: bytes, timeout: float) -> dict | None:
             if got == kind:
                 return header
     return None
+
+
+def test_a_remote_listen_port_in_use_is_a_clear_error_at_start(tmp_path):
+    keys, clients = cluster_keys(tmp_path)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        daemon = Daemon(tmp_path / "head", remote_head_settings(f"tcp://127.0.0.1:{port}", keys["head"], clients))
+        done = subprocess.run(daemon.command(), capture_output=True, text=True, timeout=60, env=daemon.env)
+    assert done.returncode == 1, done.stderr
+    assert f"127.0.0.1:{port} is already in use by PID {os.getpid()}" in done.stderr
