@@ -497,9 +497,7 @@ class Broker:
         stream, offset = bus.header_field(header, "stream", str), bus.header_field(header, "offset", int)
         if stream not in protocol.STREAMS:
             raise ValueError(f"unknown stream {stream!r}")
-        if job.replica is None:
-            job.replica = JournalReplica(self.settings.jobs_dir, job.job_id)
-        accepted = job.replica.accept(stream, offset, data)
+        accepted = self.replica_of(job).accept(stream, offset, data)
         if accepted is None:  # a chunk was lost on the way: ask once per gap
             if job.resend_asked.get(stream) != job.replica.sizes[stream]:
                 self.ask_resend(peer, job, stream)
@@ -507,6 +505,13 @@ class Broker:
         offset, fresh = accepted
         if fresh:
             self.to_subscribers(job, bus.OUTPUT, {**header, "offset": offset}, fresh)
+
+    def replica_of(self, job: Job) -> JournalReplica:
+        """This host's copy of a remote job's journal, opened (or reopened,
+        after a broker restart) on first use."""
+        if job.replica is None:
+            job.replica = JournalReplica(self.settings.jobs_dir, job.job_id)
+        return job.replica
 
     def ask_resend(self, peer: Peer, job: Job, stream: str) -> None:
         job.resend_asked[stream] = job.replica.sizes[stream]
@@ -518,9 +523,7 @@ class Broker:
 
     def replica_complete(self, peer: Peer, job: Job, completed: dict) -> bool:
         """Whether this host's journal holds all a remote job wrote; if not, ask for the rest."""
-        if job.replica is None:
-            job.replica = JournalReplica(self.settings.jobs_dir, job.job_id)
-        short = [s for s in protocol.STREAMS if job.replica.sizes[s] < (completed.get(f"{s}_bytes") or 0)]
+        short = [s for s in protocol.STREAMS if self.replica_of(job).sizes[s] < (completed.get(f"{s}_bytes") or 0)]
         if short and job.resends < MAX_RESENDS:
             for stream in short:
                 self.ask_resend(peer, job, stream)

@@ -14,6 +14,8 @@ import shlex
 import socket
 from dataclasses import dataclass, field
 from importlib import resources
+
+from ccexec.protocol import LABEL, MAX_LABELS
 from pathlib import Path
 
 SOCKET_SECTION = "socket:ccexec"
@@ -162,8 +164,6 @@ def _pairs(text: str, key: str) -> dict[str, str]:
 
 
 def _labels(text: str) -> dict[str, str]:
-    from ccexec.protocol import LABEL, MAX_LABELS
-
     labels = _pairs(text, "labels")
     bad = [f"{k}={v}" for k, v in labels.items() if not (LABEL.match(k) and LABEL.match(v))]
     if bad or len(labels) > MAX_LABELS:

@@ -38,11 +38,15 @@ def generate_keys(directory: str, name: str) -> tuple[str, str]:
     return public, secret
 
 
-def load_key_pair(path: str) -> tuple[bytes, bytes]:
+def _certificate(path: str) -> tuple[bytes, bytes | None]:
     try:
-        public, secret = zmq.auth.load_certificate(path)
+        return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise config.ConfigError(f"cannot read CURVE key file {path}: {exc}") from None
+
+
+def load_key_pair(path: str) -> tuple[bytes, bytes]:
+    public, secret = _certificate(path)
     if secret is None:
         raise config.ConfigError(f"{path} holds no secret key: name the .key_secret file")
     if os.stat(path).st_mode & 0o077:
@@ -51,10 +55,7 @@ def load_key_pair(path: str) -> tuple[bytes, bytes]:
 
 
 def load_public_key(path: str) -> bytes:
-    try:
-        return zmq.auth.load_certificate(path)[0]
-    except (OSError, ValueError) as exc:
-        raise config.ConfigError(f"cannot read CURVE key file {path}: {exc}") from None
+    return _certificate(path)[0]
 
 
 def check_keys(settings: config.Settings) -> None:
