@@ -51,7 +51,11 @@ REREGISTER = b"REREGISTER"  # broker to an unknown peer: send READY again
 HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats on both faces
 HEARTBEAT_LIVENESS = 3    # missed heartbeats before a peer counts as dead
 HIGH_WATER_MARK = 1000    # queued messages per peer before EAGAIN
-DATA_HIGH_WATER_MARK = 16  # data plane: up to 256 KiB each, so at most 4 MiB queued per side
+# Wherever output flows (executor -> broker, broker -> handler data): up to
+# 256 KiB a message, so at most 4 MiB queued per side and peer. A peer that
+# reads slower makes the sender wait or drop (the journal has every byte),
+# never buffer in memory.
+DATA_HIGH_WATER_MARK = 16
 
 
 def pack(kind: bytes, header: dict, *payload: bytes) -> list[bytes]:
@@ -88,17 +92,18 @@ def peer_identity(role: str, node: str = "") -> bytes:
     return f"{role}-{node + '-' if node else ''}{os.getpid()}".encode()
 
 
-def tune(sock: zmq.Socket, hwm: int = HIGH_WATER_MARK) -> None:
+def tune(sock: zmq.Socket, send_hwm: int = HIGH_WATER_MARK, receive_hwm: int = HIGH_WATER_MARK) -> None:
     """Options every ccexec ZeroMQ socket shares."""
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, hwm)
-    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.SNDHWM, send_hwm)
+    sock.setsockopt(zmq.RCVHWM, receive_hwm)
 
 
-def dealer(ctx: zmq.Context, role: str, endpoint: str, hwm: int = HIGH_WATER_MARK) -> zmq.Socket:
+def dealer(ctx: zmq.Context, role: str, endpoint: str, send_hwm: int = HIGH_WATER_MARK,
+           receive_hwm: int = HIGH_WATER_MARK) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, peer_identity(role))
-    tune(sock, hwm)
+    tune(sock, send_hwm, receive_hwm)
     sock.connect(endpoint)
     return sock
 

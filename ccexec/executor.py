@@ -136,7 +136,8 @@ class Executor:
         if settings.remote:
             self.sock = remote.connect_to_head(self.ctx, settings, bus.peer_identity("executor", settings.node_name))
         else:
-            self.sock = bus.dealer(self.ctx, "executor", bus.backend_endpoint(settings.run_dir))
+            self.sock = bus.dealer(self.ctx, "executor", bus.backend_endpoint(settings.run_dir),
+                                   send_hwm=bus.DATA_HIGH_WATER_MARK)
         self.jobs: dict[str, RunningJob] = {}
         self.tasks: set[asyncio.Task] = set()
         self.unacked: dict[str, dict] = {}  # COMPLETED headers the broker has not acknowledged

@@ -462,7 +462,7 @@ class Handler:
         self.ctx = zmq.asyncio.Context()
         self.broker = bus.dealer(self.ctx, "handler", bus.frontend_endpoint(settings.run_dir))
         self.data = bus.dealer(self.ctx, "handler", bus.handler_data_endpoint(settings.run_dir),
-                               bus.DATA_HIGH_WATER_MARK)
+                               bus.DATA_HIGH_WATER_MARK, bus.DATA_HIGH_WATER_MARK)
         self.sessions: set[Session] = set()
         self.followers: dict[str, set[JobStream]] = {}
         self.asked: dict[str, asyncio.Future] = {}  # broker answers awaited, by ref

@@ -115,7 +115,7 @@ class RemoteFace:
         self.auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self.allowed)
         public, secret = load_key_pair(settings.curve_secret_key)
         self.sock = ctx.socket(zmq.ROUTER)
-        bus.tune(self.sock)
+        bus.tune(self.sock, receive_hwm=bus.DATA_HIGH_WATER_MARK)  # nodes send output: their sends wait
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a node that redials takes its identity back
         self.sock.curve_publickey, self.sock.curve_secretkey = public, secret
@@ -134,7 +134,7 @@ def connect_to_head(ctx: zmq.Context, settings: config.Settings, identity: bytes
     public, secret = load_key_pair(settings.curve_secret_key)
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, identity)
-    bus.tune(sock)
+    bus.tune(sock, send_hwm=bus.DATA_HIGH_WATER_MARK)
     sock.curve_publickey, sock.curve_secretkey = public, secret
     sock.curve_serverkey = load_public_key(settings.curve_server_key)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
