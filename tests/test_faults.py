@@ -157,7 +157,7 @@ async def test_client_that_stops_reading_costs_no_memory_and_loses_nothing(make_
     line = "0" * 999 + "\n"
     size = 1 << 30
     command = f"yes {'0' * 999} | head -c {size}"
-    watched = [psutil.Process(p) for p in d.role_pids("handler") + d.role_pids("broker")]
+    watched = [psutil.Process(p) for role in ("handler", "broker", "executor") for p in d.role_pids(role)]
     baseline = sum(p.memory_info().rss for p in watched)
     async with websockets.connect(d.url, max_size=None, max_queue=4) as slow:
         await slow.send(json.dumps({"jsonrpc": "2.0", "method": "execute", "id": 1,
@@ -176,7 +176,7 @@ async def test_client_that_stops_reading_costs_no_memory_and_loses_nothing(make_
             assert (await (await other.execute("echo unaffected")).wait(20)).stdout == "unaffected\n"
         assert job_done, "the job did not finish writing within 180 s"
         growth = (peak - baseline) / 2**20
-        print(f"slow client, 1 GiB: handler+broker RSS {baseline / 2**20:.0f} MiB -> peak "
+        print(f"slow client, 1 GiB: handler+broker+executor RSS {baseline / 2**20:.0f} MiB -> peak "
               f"{peak / 2**20:.0f} MiB (+{growth:.0f} MiB)")
         assert growth < 100
         # Now read: every byte arrives, in order.
