@@ -127,14 +127,6 @@ def encode(message: dict) -> str:
     return encode_bytes(message).decode("utf-8", "surrogatepass")
 
 
-def _output_message(job_id: str, stream: str, piece: "Piece") -> dict:
-    return {"jsonrpc": JSONRPC, "method": "process.output", "params": {
-        "type": stream, "data": piece.data, "truncated": piece.truncated,
-        "chunk_index": piece.chunk_index, "total_chunks": piece.total_chunks,
-        "job_id": job_id, "offset": piece.offset, "size": piece.size,
-    }}
-
-
 def response(request_id: Any, result: Any) -> str:
     return encode({"jsonrpc": JSONRPC, "result": result, "id": request_id})
 
@@ -170,12 +162,46 @@ def process_queued(job_id: str, position: int | None, after: str | None = None) 
 
 
 def process_output(job_id: str, stream: str, piece: "Piece") -> str:
-    return encode(_output_message(job_id, stream, piece))
+    return process_output_frames(job_id, stream, [piece])[0].decode()
+
+
+# The hot path, one message per line of output: a template filled in is ten
+# times faster than building a dict per line and serialising it. Only the
+# data needs JSON escaping; everything else is a name, an int or null.
+_OUTPUT_TEMPLATE = (b'{"jsonrpc":"2.0","method":"process.output","params":{"type":%b,"data":%b,'
+                    b'"truncated":%b,"chunk_index":%b,"total_chunks":%b,"job_id":%b,"offset":%d,"size":%d}}')
+
+
+def _json_int_or_null(value: int | None) -> bytes:
+    return b"null" if value is None else b"%d" % value
 
 
 def process_output_frames(job_id: str, stream: str, pieces: list["Piece"]) -> list[bytes]:
-    """`process.output` messages as the UTF-8 bytes of their frames: the hot path (no int of 64+ bits here)."""
-    return [orjson.dumps(_output_message(job_id, stream, piece)) for piece in pieces]
+    """`process.output` messages as the UTF-8 bytes of their frames."""
+    names = (orjson.dumps(stream), orjson.dumps(job_id))
+    dumps = orjson.dumps
+    return [_OUTPUT_TEMPLATE % (names[0], dumps(piece.data), b"true" if piece.truncated else b"false",
+                                _json_int_or_null(piece.chunk_index), _json_int_or_null(piece.total_chunks),
+                                names[1], piece.offset, piece.size)
+            for piece in pieces]
+
+
+def websocket_text_frames(payloads: list[bytes]) -> bytes:
+    """RFC 6455 text frames as a server sends them (final, unmasked, no
+    extension), one after another in one buffer. The same bytes as the
+    websockets library's Frame.serialize, at an eighth of its cost per
+    message: in lines mode a chunk of output is thousands of messages."""
+    parts = []
+    for payload in payloads:
+        size = len(payload)
+        if size < 126:
+            parts.append(bytes((0x81, size)))
+        elif size < 1 << 16:
+            parts.append(b"\x81\x7e" + size.to_bytes(2, "big"))
+        else:
+            parts.append(b"\x81\x7f" + size.to_bytes(8, "big"))
+        parts.append(payload)
+    return b"".join(parts)
 
 
 def process_completed(job_id: str, pid: int | None, pgid: int | None, exit_code: int,

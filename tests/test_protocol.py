@@ -680,6 +680,27 @@ class TestMessages:
             assert message["jsonrpc"] == "2.0"
             assert "id" in message
 
+    @given(data=st.text(), offset=st.integers(0, 2**62), size=st.integers(0, 2**40), truncated=st.booleans(),
+           chunk=st.one_of(st.none(), st.tuples(st.integers(0, 10**6), st.integers(1, 10**6))))
+    @settings(max_examples=300)
+    def test_output_frames_are_the_json_of_the_message(self, data, offset, size, truncated, chunk):
+        # Surrogates cannot reach here: output is decoded with errors="replace".
+        data = data.encode("utf-8", "replace").decode("utf-8")
+        piece = Piece(data, offset, size, truncated, *(chunk or (None, None)))
+        frames = p.process_output_frames("0" * 32, "stderr", [piece, piece])
+        assert len(frames) == 2 and frames[0] == frames[1]
+        assert json.loads(frames[0]) == {"jsonrpc": "2.0", "method": "process.output", "params": {
+            "type": "stderr", "data": data, "truncated": truncated,
+            "chunk_index": chunk and chunk[0], "total_chunks": chunk and chunk[1],
+            "job_id": "0" * 32, "offset": offset, "size": size}}
+
+    @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 300_000])
+    def test_websocket_text_frames_are_the_frames_websockets_writes(self, size):
+        from websockets.frames import Frame, Opcode
+        payloads = [b"a" * size, "é".encode() * 3]
+        expected = b"".join(Frame(Opcode.TEXT, x).serialize(mask=False, extensions=[]) for x in payloads)
+        assert p.websocket_text_frames(payloads) == expected
+
     def test_messages_are_single_line_json_text_with_unicode_kept(self):
         text = p.process_output("j", "stdout", Piece("€\n\u2028", 0, 7))
         assert "\n" not in text  # the newline inside data is escaped
