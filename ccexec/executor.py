@@ -114,6 +114,14 @@ async def pipe_reader(read_end: int) -> asyncio.StreamReader:
     return reader
 
 
+def output_sent(sent: asyncio.Future) -> None:
+    """zmq.asyncio reports a full queue on the send's future, not by raising:
+    that chunk is dropped, as meant (the journal has it). Anything else is told."""
+    error = None if sent.cancelled() else sent.exception()
+    if error is not None and not isinstance(error, zmq.Again):
+        logs.event(log, "executor.output_send_failed", logging.WARNING, error=error)
+
+
 def kill_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -157,10 +165,7 @@ class Executor:
         if self.settings.remote:
             await self.send(bus.OUTPUT, header, data)
             return
-        try:
-            self.sock.send_multipart(bus.pack(bus.OUTPUT, header, data), zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        self.sock.send_multipart(bus.pack(bus.OUTPUT, header, data), zmq.NOBLOCK).add_done_callback(output_sent)
 
     async def register(self) -> None:
         await self.send(bus.READY, {

@@ -17,6 +17,8 @@ def _finish(daemon: Daemon) -> None:
         leftovers = daemon.leftovers()
         assert status == 0, f"ccexecd exited with {status}:\n{daemon.log_tail()}"
         assert not leftovers, f"processes left behind: {[(p.pid, p.name()) for p in leftovers]}"
+        log = daemon.log_path.read_text(errors="replace") if daemon.log_path.exists() else ""
+        assert "Traceback (most recent call last)" not in log, f"an exception escaped in the daemon:\n{log[-5000:]}"
     finally:
         daemon.cleanup()
 
