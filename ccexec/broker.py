@@ -92,7 +92,8 @@ class Broker:
     def __init__(self, settings: config.Settings, ctx: zmq.Context):
         self.settings = settings
         self.frontend = self._bind(ctx, bus.frontend_endpoint(settings.run_dir))
-        self.data = self._bind(ctx, bus.handler_data_endpoint(settings.run_dir), bus.DATA_HIGH_WATER_MARK)
+        self.data = self._bind(ctx, bus.handler_data_endpoint(settings.run_dir),
+                               bus.DATA_HIGH_WATER_MARK, bus.DATA_HIGH_WATER_MARK)
         # Executors send output here: what the broker has not read yet waits
         # in a short queue (their sends then drop it), not in its memory.
         self.backend = self._bind(ctx, bus.backend_endpoint(settings.run_dir), receive_hwm=bus.DATA_HIGH_WATER_MARK)
@@ -125,10 +126,10 @@ class Broker:
         self.pulse = WatchdogPulse(settings.watchdog_port) if settings.watchdog_port else None
 
     @staticmethod
-    def _bind(ctx: zmq.Context, endpoint: str, hwm: int = bus.HIGH_WATER_MARK,
-              receive_hwm: int | None = None) -> zmq.Socket:
+    def _bind(ctx: zmq.Context, endpoint: str, send_hwm: int = bus.HIGH_WATER_MARK,
+              receive_hwm: int = bus.HIGH_WATER_MARK) -> zmq.Socket:
         sock = ctx.socket(zmq.ROUTER)
-        bus.tune(sock, hwm, hwm if receive_hwm is None else receive_hwm)
+        bus.tune(sock, send_hwm, receive_hwm)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         path = endpoint[len("ipc://"):]
         if os.path.exists(path):  # left by a killed broker; the arbiter owns the run dir

@@ -182,8 +182,7 @@ class JobStream:
             await asyncio.wait_for(self.wake.wait(), CHUNK_FLUSH_DELAY if holding else None)
         except asyncio.TimeoutError:
             for stream in holding:
-                for piece in self.streams[stream].splitter.flush():
-                    await self.session.send(protocol.process_output(self.job_id, stream, piece))
+                await self.send_output(stream, self.streams[stream].splitter.flush())
         self.wake.clear()
 
     async def deliver(self, stream: str) -> None:
@@ -198,11 +197,14 @@ class JobStream:
             if not chunk:
                 return
             state.delivered += len(chunk)
-            pieces = state.splitter.feed(chunk)
-            for start in range(0, len(pieces), YIELD_EVERY):
-                await self.session.send_frames(
-                    protocol.process_output_frames(self.job_id, stream, pieces[start:start + YIELD_EVERY]))
-                await asyncio.sleep(0)
+            await self.send_output(stream, state.splitter.feed(chunk))
+
+    async def send_output(self, stream: str, pieces: list[protocol.Piece]) -> None:
+        """`process.output` messages, YIELD_EVERY to a write, giving the loop up between writes."""
+        for start in range(0, len(pieces), YIELD_EVERY):
+            await self.session.send_frames(
+                protocol.process_output_frames(self.job_id, stream, pieces[start:start + YIELD_EVERY]))
+            await asyncio.sleep(0)
 
     async def complete(self) -> None:
         final = self.final
@@ -214,8 +216,7 @@ class JobStream:
                 size = await self.session.handler.journal_size(self.job_id, stream)
             state.known = max(state.known, size)
             await self.deliver(stream)
-            for piece in state.splitter.finish():
-                await self.session.send(protocol.process_output(self.job_id, stream, piece))
+            await self.send_output(stream, state.splitter.finish())
             sizes[stream] = state.delivered
         await self.send_claude(everything=True)
         while self.notices:

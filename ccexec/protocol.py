@@ -161,10 +161,6 @@ def process_queued(job_id: str, position: int | None, after: str | None = None) 
     return notification("process.queued", params)
 
 
-def process_output(job_id: str, stream: str, piece: "Piece") -> str:
-    return process_output_frames(job_id, stream, [piece])[0].decode()
-
-
 # The hot path, one message per line of output: a template filled in is ten
 # times faster than building a dict per line and serialising it. Only the
 # data needs JSON escaping; everything else is a name, an int or null.
@@ -178,11 +174,10 @@ def _json_int_or_null(value: int | None) -> bytes:
 
 def process_output_frames(job_id: str, stream: str, pieces: list["Piece"]) -> list[bytes]:
     """`process.output` messages as the UTF-8 bytes of their frames."""
-    names = (orjson.dumps(stream), orjson.dumps(job_id))
-    dumps = orjson.dumps
-    return [_OUTPUT_TEMPLATE % (names[0], dumps(piece.data), b"true" if piece.truncated else b"false",
+    stream_json, job_id_json = orjson.dumps(stream), orjson.dumps(job_id)
+    return [_OUTPUT_TEMPLATE % (stream_json, orjson.dumps(piece.data), b"true" if piece.truncated else b"false",
                                 _json_int_or_null(piece.chunk_index), _json_int_or_null(piece.total_chunks),
-                                names[1], piece.offset, piece.size)
+                                job_id_json, piece.offset, piece.size)
             for piece in pieces]
 
 

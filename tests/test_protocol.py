@@ -536,18 +536,23 @@ class TestParseControl:
 
 # ======================================================= message builders
 
+def output_text(job_id: str, stream: str, piece: Piece) -> str:
+    """One `process.output` message, as the text a client receives."""
+    return p.process_output_frames(job_id, stream, [piece])[0].decode()
+
+
 class TestMessages:
     def test_process_output_has_exact_fields(self):
         piece = Piece(data="héllo\n", offset=10, size=7, truncated=True, chunk_index=2,
                       total_chunks=5)
-        message = decoded(p.process_output("job-1", "stderr", piece))
+        message = decoded(output_text("job-1", "stderr", piece))
         assert message == {"jsonrpc": "2.0", "method": "process.output", "params": {
             "type": "stderr", "data": "héllo\n", "truncated": True, "chunk_index": 2,
             "total_chunks": 5, "job_id": "job-1", "offset": 10, "size": 7,
         }}
 
     def test_process_output_of_a_plain_line_has_null_chunk_fields(self):
-        message = decoded(p.process_output("j", "stdout", Piece("x\n", 0, 2)))
+        message = decoded(output_text("j", "stdout", Piece("x\n", 0, 2)))
         params = message["params"]
         assert params["truncated"] is False
         assert params["chunk_index"] is None
@@ -664,7 +669,7 @@ class TestMessages:
             p.process_state("started", "j", 1, 1),
             p.process_state("canceled", "j", 1, 1),
             p.process_queued("j", 1),
-            p.process_output("j", "stdout", Piece("x", 0, 1)),
+            output_text("j", "stdout", Piece("x", 0, 1)),
             p.process_completed("j", 1, 1, 0, "exit", None, 0.5, 1, 0),
             p.heartbeat(0.0, [("j", 0.0)]),
             p.notification("custom", {}),
@@ -702,7 +707,7 @@ class TestMessages:
         assert p.websocket_text_frames(payloads) == expected
 
     def test_messages_are_single_line_json_text_with_unicode_kept(self):
-        text = p.process_output("j", "stdout", Piece("€\n\u2028", 0, 7))
+        text = output_text("j", "stdout", Piece("€\n\u2028", 0, 7))
         assert "\n" not in text  # the newline inside data is escaped
         assert "€" in text
         assert decoded(text)["params"]["data"] == "€\n\u2028"
