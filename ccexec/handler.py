@@ -182,7 +182,14 @@ class JobStream:
             await asyncio.wait_for(self.wake.wait(), CHUNK_FLUSH_DELAY if holding else None)
         except asyncio.TimeoutError:
             for stream in holding:
-                await self.send_output(stream, self.streams[stream].splitter.flush())
+                state = self.streams[stream]
+                # Quiet here is not quiet in the job: live copies of its output
+                # are dropped when a queue is full. The journal says which.
+                size = await self.session.handler.journal_size(self.job_id, stream)
+                if size > state.known:
+                    state.known = size  # more to deliver: the line may still end
+                else:
+                    await self.send_output(stream, state.splitter.flush())
         self.wake.clear()
 
     async def deliver(self, stream: str) -> None:

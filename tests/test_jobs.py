@@ -92,6 +92,16 @@ async def test_last_line_without_newline_is_delivered(daemon):
     await wire.close()
 
 
+@async_test()
+async def test_chunks_mode_sends_a_partial_line_when_the_job_pauses(daemon):
+    """A job that stops mid-line for a second: what it wrote goes out then,
+    not held until the line ends."""
+    wire = await Wire.open(daemon.url)
+    _, completed = await wire.run(command="printf partial; sleep 1; printf ' rest\\n'", stream_mode="chunks")
+    assert [p["data"] for p in wire.outputs(completed["job_id"])] == ["partial", " rest\n"]
+    await wire.close()
+
+
 @async_test(60)
 async def test_full_pipes_on_both_streams_never_deadlock(daemon):
     script = ("import sys\nfor i in range(64):\n    sys.stderr.write('e' * 65536)\n    sys.stdout.write('o' * 65536)\n"
