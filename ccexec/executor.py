@@ -40,6 +40,7 @@ log = logging.getLogger("ccexec.executor")
 
 READ_SIZE = 256 << 10  # what one read of a pipe transport yields at most (asyncio max_size)
 PIPE_SIZE = 1 << 20  # the default pipe-max-size: any user may ask for it
+GATHER_DELAY = 0.001  # seconds a fast writer's small writes gather between two reads
 EXIT_DRAIN = 1.0  # seconds to wait for pipes after the job's leader exited
 INTERNAL_ENV_PREFIXES = ("CCEXEC_", "CIRCUS")
 CLAUDE_OFFLOAD_BYTES = 1 << 20  # a stdout line this long is parsed off the event loop
@@ -368,8 +369,17 @@ class Executor:
     async def pump(self, job: RunningJob, journal: JournalWriter, stream: str,
                    reader: asyncio.StreamReader) -> None:
         """Copy one pipe to the journal, then to the broker."""
+        loop = asyncio.get_running_loop()
+        quick_reads = 0
         while True:
+            asked = loop.time()
             data = await reader.read(READ_SIZE)
+            # A job that keeps its pipe busy with small writes (base64 writes
+            # 4 KiB at a time) would cost a journal append and a message down
+            # the line per write: after two short reads that did not wait,
+            # its output gathers for a moment before the next one.
+            quick = len(data) < READ_SIZE and loop.time() - asked < GATHER_DELAY
+            quick_reads = quick_reads + 1 if quick else 0
             if not data:
                 if stream == "stdout" and job.claude_reader is not None:
                     await self.claude_events(job, None)
@@ -389,6 +399,8 @@ class Executor:
             await self.send_output({"job_id": job.job_id, "stream": stream, "offset": offset}, data)
             if stream == "stdout" and job.claude_reader is not None:
                 await self.claude_events(job, data)
+            if quick_reads >= 2:
+                await asyncio.sleep(GATHER_DELAY)
 
     async def claude_events(self, job: RunningJob, data: bytes | None) -> None:
         """Read a Claude job's stdout (None: its end) and send what it tells, after the output."""
