@@ -471,6 +471,7 @@ class Handler:
         self.followers: dict[str, set[JobStream]] = {}
         self.asked: dict[str, asyncio.Future] = {}  # broker answers awaited, by ref
         self.stats: dict = {}
+        self.stats_received = asyncio.Event()
         self.broker_seen = 0.0
         self.started = time.time()
         self.io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="journal-read")
@@ -539,6 +540,7 @@ class Handler:
     def on_broker_message(self, kind: bytes, header: dict, payload: list[bytes]) -> None:
         if kind == bus.HEARTBEAT:
             self.stats = header
+            self.stats_received.set()
         elif kind == bus.REREGISTER:
             self.register()
         elif kind in (bus.CONTROL_RESULT, bus.QUERY_RESULT):
@@ -768,6 +770,14 @@ class Handler:
             await self.load_tokens()
             background.append(loop.create_task(self.token_loop()))
         self.register()
+        # Take connections once the broker has answered: the handlers share
+        # the port, and one that has not heard from it yet would answer /ready
+        # with 503 while the others answer 200. Bounded, so that with the
+        # broker down the handler still serves and /ready says why.
+        try:
+            await asyncio.wait_for(self.stats_received.wait(), bus.HEARTBEAT_INTERVAL * bus.HEARTBEAT_LIVENESS)
+        except asyncio.TimeoutError:
+            pass
         async with serve(self.on_connection, sock=listener, process_request=self.process_request,
                          max_size=self.settings.max_frame_bytes, ping_interval=20, ping_timeout=20,
                          ssl=self.tls_context(),
