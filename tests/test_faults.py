@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import websockets
 
+from ccexec import ctl
 from ccexec.client import Client
 from support import Daemon, async_test, http_get, marked_processes, ticker, wait_for
 
@@ -148,6 +149,27 @@ async def test_stopped_handler_is_killed_and_respawned_while_service_answers(mak
             os.kill(victim, signal.SIGCONT)
     assert killed_after < 8, f"frozen handler killed only after {killed_after:.1f} s"
     print(f"SIGSTOP of a handler: killed by the watchdog after {killed_after:.2f} s")
+
+
+@async_test(90)
+async def test_handler_started_while_the_broker_is_down_still_serves_and_says_why(make_daemon):
+    """A handler takes connections once the broker has answered it, but with
+    the broker down it does not wait for ever: /ready then says why."""
+    d = make_daemon(handlers=1)
+    circus = ctl.Daemon(None, str(d.state_dir))
+    await asyncio.to_thread(circus.call, "stop", name="broker", waiting=True)
+    [handler] = d.role_pids("handler")
+    os.kill(handler, signal.SIGKILL)
+    [respawned] = await asyncio.to_thread(
+        wait_for, lambda: [p for p in d.role_pids("handler") if p != handler], 10, 0.05, "a respawned handler")
+    status, body = await asyncio.to_thread(d.get, "/ready", 15)  # held in the backlog until it serves
+    assert status == 503 and json.loads(body)["reason"] == "broker unreachable"
+    assert d.health()["handler_pid"] == respawned
+    await asyncio.to_thread(circus.call, "start", name="broker", waiting=True)
+    await asyncio.to_thread(d.wait_ready, 20)
+    async with Client(d.url) as client:
+        result = await (await client.execute("echo back")).wait(20)
+    assert result.stdout == "back\n"
 
 
 @async_test(240)
