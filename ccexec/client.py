@@ -186,6 +186,8 @@ class Client:
 
     @staticmethod
     def _attach_answered(job: Job, answer: asyncio.Future) -> None:
+        if not answer.cancelled() and isinstance(answer.exception(), ConnectionError):
+            return  # the connection dropped again before the answer: the next resume attaches again
         error = answer.exception() if not answer.cancelled() else ConnectionError("canceled")
         if error is None and "error" in answer.result():
             error = RPCError(**{k: answer.result()["error"].get(k) for k in ("code", "message", "data")})
