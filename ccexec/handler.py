@@ -38,7 +38,10 @@ log = logging.getLogger("ccexec.handler")
 
 WS_PATHS = ("/ws", "/ws/mcp")
 INLINE_LIMIT = 4 << 20  # bytes of live output held per stream before the journal takes over
-HANDSHAKE_GRACE = 0.5  # seconds a stopping handler gives handshakes it accepted to complete
+# Seconds at most a stopping handler waits for handshakes it accepted; with
+# CLOSE_TIMEOUT, within the handler watcher's graceful_timeout (5 s).
+HANDSHAKE_GRACE = 1.5
+HANDSHAKE_CHECK = 0.02  # seconds between its checks of them
 CLOSE_TIMEOUT = 3.0
 CLOSE_SERVICE_RESTART = 1012
 # A send to a client that keeps up never suspends: after this many messages
@@ -707,15 +710,30 @@ class Handler:
             for job in list(session.jobs.values()):
                 job.pump_task.cancel()
 
-    async def hand_over(self, server) -> None:
+    async def hear_from_broker(self) -> None:
+        """Wait to take connections until the broker has answered: the handlers
+        share the port, and one that has not heard from it yet would answer
+        /ready with 503 while the others answer 200. Bounded, so that with the
+        broker down the handler still serves and /ready says why; a stop ends it."""
+        waits = [asyncio.ensure_future(event.wait()) for event in (self.stats_received, self.stopping)]
+        await asyncio.wait(waits, timeout=bus.HEARTBEAT_INTERVAL * bus.HEARTBEAT_LIVENESS,
+                           return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+
+    async def hand_over(self, server, listener: socket.socket) -> None:
         """Stop gracefully: accept nothing more (the other handlers, sharing the
         socket, take new connections), let handshakes in flight complete, then
         close every connection with 1012 so clients reconnect and attach."""
-        # Close the listening socket only: websockets' own close() would answer
-        # a handshake still in flight here with 503 "shutting down".
-        server.server.close()
+        # The listening socket only leaves this loop; the server keeps serving,
+        # since websockets answers 503 "shutting down" to any handshake that
+        # ends after its server was closed.
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(listener.fileno())
         logs.event(log, "handler.stopping", pid=os.getpid(), connections=len(self.sessions))
-        await asyncio.sleep(HANDSHAKE_GRACE)
+        deadline = loop.time() + HANDSHAKE_GRACE
+        while handshakes_in_flight(server) and loop.time() < deadline:
+            await asyncio.sleep(HANDSHAKE_CHECK)
         closing = [asyncio.ensure_future(s.ws.close(CLOSE_SERVICE_RESTART, "service restart"))
                    for s in list(self.sessions)]
         if closing:
@@ -770,14 +788,7 @@ class Handler:
             await self.load_tokens()
             background.append(loop.create_task(self.token_loop()))
         self.register()
-        # Take connections once the broker has answered: the handlers share
-        # the port, and one that has not heard from it yet would answer /ready
-        # with 503 while the others answer 200. Bounded, so that with the
-        # broker down the handler still serves and /ready says why.
-        try:
-            await asyncio.wait_for(self.stats_received.wait(), bus.HEARTBEAT_INTERVAL * bus.HEARTBEAT_LIVENESS)
-        except asyncio.TimeoutError:
-            pass
+        await self.hear_from_broker()
         async with serve(self.on_connection, sock=listener, process_request=self.process_request,
                          max_size=self.settings.max_frame_bytes, ping_interval=20, ping_timeout=20,
                          ssl=self.tls_context(),
@@ -785,11 +796,17 @@ class Handler:
                          server_header=f"ccexec/{__version__}") as server:
             logs.event(log, "handler.started", pid=os.getpid())
             await self.stopping.wait()
-            await self.hand_over(server)
+            await self.hand_over(server, listener)
         for task in background:
             task.cancel()
         self.broker.close(linger=0)
         self.data.close(linger=0)
+
+
+def handshakes_in_flight(server) -> int:
+    """Connections accepted whose opening handshake has not ended: websockets
+    runs a task per connection and lists the connection once it is open."""
+    return len(server.handler_tasks) - len(server.all_connections)
 
 
 def broker_answer(request: protocol.Request, answer: dict) -> dict:

@@ -172,6 +172,38 @@ async def test_handler_started_while_the_broker_is_down_still_serves_and_says_wh
     assert result.stdout == "back\n"
 
 
+@async_test(60)
+async def test_stopping_handler_completes_a_handshake_whose_request_comes_late(make_daemon):
+    """A handler told to stop accepts no more connections but lets the
+    handshakes it accepted finish, even one whose request comes late, then
+    moves that client on with 1012 like every other."""
+    d = make_daemon(handlers=1)
+    [handler] = d.role_pids("handler")
+    reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+    client_port = writer.get_extra_info("sockname")[1]
+    await asyncio.to_thread(wait_for, lambda: _holds_connection_from(handler, client_port), 10, 0.05,
+                            "the handler's accept")
+    os.kill(handler, signal.SIGTERM)
+    await asyncio.to_thread(wait_for, lambda: "handler.stopping" in d.log_path.read_text(errors="replace"),
+                            10, 0.05, "the handler stopping")
+    await asyncio.sleep(0.6)  # a slow client: its request comes well after the stop began
+    writer.write(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    close_frame = b"\x88\x11\x03\xf4service restart"  # 1012, "service restart"
+    answer = b""
+    async with asyncio.timeout(15):
+        while close_frame not in answer and (chunk := await reader.read(65536)):
+            answer += chunk
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 101 "), answer[:200]
+    assert b'"method":"connected"' in answer.replace(b" ", b"")
+    assert close_frame in answer
+
+
+def _holds_connection_from(pid: int, port: int) -> bool:
+    return any(c.raddr and c.raddr.port == port for c in psutil.Process(pid).net_connections(kind="tcp"))
+
+
 @async_test(240)
 async def test_client_that_stops_reading_costs_no_memory_and_loses_nothing(make_daemon):
     """1 GiB of output to a client that does not read: it waits in the journal."""
