@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import http
 import json
 import logging
@@ -463,6 +464,24 @@ class Session:
             pass
 
 
+class AcceptedConnection(ServerConnection):
+    """A connection that is listed in its handler's `accepted` from accept to
+    close: with the open sessions, that tells a stopping handler which
+    handshakes are still in flight (websockets documents no such count)."""
+
+    def __init__(self, accepted: set[ServerConnection], *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.listed_in = accepted
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.listed_in.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.listed_in.discard(self)
+        super().connection_lost(exc)
+
+
 class Handler:
     def __init__(self, settings: config.Settings):
         self.settings = settings
@@ -471,6 +490,7 @@ class Handler:
         self.data = bus.dealer(self.ctx, "handler", bus.handler_data_endpoint(settings.run_dir),
                                bus.DATA_HIGH_WATER_MARK, bus.DATA_HIGH_WATER_MARK)
         self.sessions: set[Session] = set()
+        self.accepted: set[ServerConnection] = set()  # connections from accept to close
         self.followers: dict[str, set[JobStream]] = {}
         self.asked: dict[str, asyncio.Future] = {}  # broker answers awaited, by ref
         self.stats: dict = {}
@@ -721,7 +741,10 @@ class Handler:
         for wait in waits:
             wait.cancel()
 
-    async def hand_over(self, server, listener: socket.socket) -> None:
+    def handshakes_in_flight(self) -> int:
+        return len(self.accepted) - len(self.sessions)
+
+    async def hand_over(self, listener: socket.socket) -> None:
         """Stop gracefully: accept nothing more (the other handlers, sharing the
         socket, take new connections), let handshakes in flight complete, then
         close every connection with 1012 so clients reconnect and attach."""
@@ -732,7 +755,7 @@ class Handler:
         loop.remove_reader(listener.fileno())
         logs.event(log, "handler.stopping", pid=os.getpid(), connections=len(self.sessions))
         deadline = loop.time() + HANDSHAKE_GRACE
-        while handshakes_in_flight(server) and loop.time() < deadline:
+        while self.handshakes_in_flight() and loop.time() < deadline:
             await asyncio.sleep(HANDSHAKE_CHECK)
         closing = [asyncio.ensure_future(s.ws.close(CLOSE_SERVICE_RESTART, "service restart"))
                    for s in list(self.sessions)]
@@ -790,23 +813,18 @@ class Handler:
         self.register()
         await self.hear_from_broker()
         async with serve(self.on_connection, sock=listener, process_request=self.process_request,
+                         create_connection=functools.partial(AcceptedConnection, self.accepted),
                          max_size=self.settings.max_frame_bytes, ping_interval=20, ping_timeout=20,
                          ssl=self.tls_context(),
                          compression=None,  # loopback and LAN: deflate costs far more CPU than it saves
-                         server_header=f"ccexec/{__version__}") as server:
+                         server_header=f"ccexec/{__version__}"):
             logs.event(log, "handler.started", pid=os.getpid())
             await self.stopping.wait()
-            await self.hand_over(server, listener)
+            await self.hand_over(listener)
         for task in background:
             task.cancel()
         self.broker.close(linger=0)
         self.data.close(linger=0)
-
-
-def handshakes_in_flight(server) -> int:
-    """Connections accepted whose opening handshake has not ended: websockets
-    runs a task per connection and lists the connection once it is open."""
-    return len(server.handler_tasks) - len(server.all_connections)
 
 
 def broker_answer(request: protocol.Request, answer: dict) -> dict:
