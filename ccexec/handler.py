@@ -465,20 +465,21 @@ class Session:
 
 
 class AcceptedConnection(ServerConnection):
-    """A connection that is listed in its handler's `accepted` from accept to
-    close: with the open sessions, that tells a stopping handler which
-    handshakes are still in flight (websockets documents no such count)."""
+    """A connection that tells its handler when it is accepted and when it is
+    gone: the handler's one record of connections from accept to close (for
+    the handshakes still in flight, which websockets documents no count of,
+    and the per-address count)."""
 
-    def __init__(self, accepted: set[ServerConnection], *args, **kwargs):
+    def __init__(self, handler: "Handler", *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.listed_in = accepted
+        self.owner = handler  # not `handler`: websockets' own name for the connection handler
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.listed_in.add(self)
+        self.owner.accepted.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.listed_in.discard(self)
+        self.owner.forget(self)
         super().connection_lost(exc)
 
 
@@ -506,7 +507,6 @@ class Handler:
         # WebSocket handshakes let through, until their connection closes: (address, token name)
         self.admitted: dict[ServerConnection, tuple[str, str | None]] = {}
         self.per_address: Counter[str] = Counter()
-        self.releases: set[asyncio.Task] = set()  # one per admitted connection, until it closes
 
     # -- broker link
 
@@ -655,17 +655,14 @@ class Handler:
             return response
         self.admitted[connection] = (address, token_name)
         self.per_address[address] += 1
-        task = asyncio.get_running_loop().create_task(self.release(connection, address))
-        self.releases.add(task)
-        task.add_done_callback(self.releases.discard)
         return None
 
-    async def release(self, connection: ServerConnection, address: str) -> None:
-        """Forget an admitted connection once it is closed (or its handshake failed)."""
-        try:
-            await connection.wait_closed()
-        finally:
-            self.admitted.pop(connection, None)
+    def forget(self, connection: ServerConnection) -> None:
+        """A connection is closed (or its handshake failed): it counts no more."""
+        self.accepted.discard(connection)
+        admitted = self.admitted.pop(connection, None)
+        if admitted is not None:
+            address = admitted[0]
             self.per_address[address] -= 1
             if self.per_address[address] <= 0:
                 del self.per_address[address]
@@ -813,7 +810,7 @@ class Handler:
         self.register()
         await self.hear_from_broker()
         async with serve(self.on_connection, sock=listener, process_request=self.process_request,
-                         create_connection=functools.partial(AcceptedConnection, self.accepted),
+                         create_connection=functools.partial(AcceptedConnection, self),
                          max_size=self.settings.max_frame_bytes, ping_interval=20, ping_timeout=20,
                          ssl=self.tls_context(),
                          compression=None,  # loopback and LAN: deflate costs far more CPU than it saves

@@ -346,10 +346,13 @@ def record(res: Results, workload: str, metric: str, target: str, value: float, 
 
 
 def record_latency(res: Results, workload: str, target: str, lat: list[float], wall: float) -> None:
-    for metric, value, better in (("jobs/s", throughput(lat, wall), "higher"),
-                                  ("p50 ms", percentile(lat, 0.5) * 1000, "lower"),
-                                  ("p99 ms", percentile(lat, 0.99) * 1000, "lower")):
-        record(res, workload, metric, target, value, better)
+    record(res, workload, "jobs/s", target, throughput(lat, wall), "higher")
+    record_percentiles(res, workload, target, lat)
+
+
+def record_percentiles(res: Results, workload: str, target: str, lat: list[float]) -> None:
+    record(res, workload, "p50 ms", target, percentile(lat, 0.5) * 1000, "lower")
+    record(res, workload, "p99 ms", target, percentile(lat, 0.99) * 1000, "lower")
 
 
 def base64_command(raw_bytes: int, width: int) -> str:
@@ -457,17 +460,17 @@ async def w5(sizes: Sizes, runs: int, res: Results, tmp: Path, websocketd: bool)
     for _ in range(runs):
         async with CcexecServer(tmp) as server:
             lat = await probed_under_load("ccexec", server.url, server.url, command, sizes)
-        record_handshakes(res, workload, "ccexec", lat)
+        record_percentiles(res, workload, "ccexec", lat)
         if websocketd:
             # websocketd runs one program for every connection: probes ask for
             # none (its query string reaches the program), streams for W2.
             program = ["sh", "-c", f'[ "$QUERY_STRING" = probe ] || {{ {command}; }}']
             async with WebsocketdServer(program) as wsd:
                 lat = await probed_under_load("websocketd", wsd.url, wsd.url + "?probe", command, sizes)
-            record_handshakes(res, workload, "websocketd", lat)
+            record_percentiles(res, workload, "websocketd", lat)
             async with WebsocketdServer(["sh", "-c", command]) as wsd, WebsocketdServer(["true"]) as idle_one:
                 lat = await probed_under_load("websocketd", wsd.url, idle_one.url, command, sizes)
-            record_handshakes(res, workload, "websocketd, idle probe target", lat)
+            record_percentiles(res, workload, "websocketd, idle probe target", lat)
 
 
 async def probed_under_load(kind: str, stream_url: str, probe_url: str, command: str, sizes: Sizes) -> list[float]:
@@ -477,11 +480,6 @@ async def probed_under_load(kind: str, stream_url: str, probe_url: str, command:
         return await handshake_latencies(probe_url, sizes.w5_probes)
     finally:
         await stop_load(load)
-
-
-def record_handshakes(res: Results, workload: str, target: str, lat: list[float]) -> None:
-    record(res, workload, "p50 ms", target, percentile(lat, 0.5) * 1000, "lower")
-    record(res, workload, "p99 ms", target, percentile(lat, 0.99) * 1000, "lower")
 
 
 async def idle(runs: int, res: Results, tmp: Path) -> None:
