@@ -3,7 +3,7 @@
 Executors append; handlers read any byte range at their own pace, which is
 what lets a slow client fall behind without the daemon buffering its output
 in memory, and lets a client resume from byte offsets on any handler.
-Layout: <state_dir>/jobs/<job_id>/{stdout,stderr}.
+Layout: <state_dir>/jobs/<job_id>/{stdout,stderr}, each made on its first write.
 These are plain blocking file calls: callers on an event loop run them in
 a worker thread.
 """
@@ -26,22 +26,32 @@ def job_dir(jobs_dir: str, job_id: str) -> str:
 
 
 class JournalWriter:
+    """A job's directory and each stream's file are made on its first write:
+    most jobs never write to stderr, and creating files is most of what a
+    short job costs the filesystem. A stream without a file is empty."""
+
     def __init__(self, jobs_dir: str, job_id: str):
         self.path = job_dir(jobs_dir, job_id)
-        os.makedirs(self.path, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-        self.fds = {s: os.open(os.path.join(self.path, s), flags, 0o600) for s in STREAMS}
-        self.sizes = {s: os.fstat(fd).st_size for s, fd in self.fds.items()}  # a reopened journal goes on
+        self.fds: dict[str, int] = {}
+        self.sizes = {s: _size(os.path.join(self.path, s)) for s in STREAMS}  # a reopened journal goes on
 
     def append(self, stream: str, data: bytes) -> int:
         """Append data; returns the stream offset it was written at."""
         offset = self.sizes[stream]
+        fd = self.fds.get(stream)
+        if fd is None:
+            fd = self.fds[stream] = self._create(stream)
         view = memoryview(data)
         while view:
-            written = os.write(self.fds[stream], view)
+            written = os.write(fd, view)
             view = view[written:]
         self.sizes[stream] = offset + len(data)
         return offset
+
+    def _create(self, stream: str) -> int:
+        os.makedirs(self.path, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        return os.open(os.path.join(self.path, stream), flags, 0o600)
 
     def close(self) -> None:
         # No fsync: a write() is in the page cache, which every process crash
@@ -77,7 +87,11 @@ def read_range(jobs_dir: str, job_id: str, stream: str, offset: int, end: int) -
 
 
 def stream_size(jobs_dir: str, job_id: str, stream: str) -> int:
+    return _size(os.path.join(job_dir(jobs_dir, job_id), stream))
+
+
+def _size(path: str) -> int:
     try:
-        return os.stat(os.path.join(job_dir(jobs_dir, job_id), stream)).st_size
-    except FileNotFoundError:
+        return os.stat(path).st_size
+    except FileNotFoundError:  # the stream has not been written to
         return 0

@@ -143,7 +143,9 @@ def reap_orphan_jobs(settings: config.Settings) -> int:
 def record_owner(jobs_dir: str, job_id: str, pgid: int) -> None:
     """On an executor node: note which executor runs a job's group. The
     head cannot end jobs on another host, so reap_node_orphans does it."""
-    with open(os.path.join(job_dir(jobs_dir, job_id), OWNER_FILE), "w") as f:
+    path = job_dir(jobs_dir, job_id)
+    os.makedirs(path, exist_ok=True)  # the journal makes it only on the job's first output
+    with open(os.path.join(path, OWNER_FILE), "w") as f:
         json.dump({"executor": os.getpid(), "pgid": pgid, "started_at": time.time()}, f)
 
 

@@ -110,3 +110,23 @@ def test_replica_writes_each_byte_once_in_order_and_refuses_gaps(tmp_path):
     reopened = JournalReplica(str(tmp_path), "e" * 32)  # a restarted broker goes on where it was
     assert reopened.sizes == {"stdout": 11, "stderr": 1}
     reopened.close()
+
+
+def test_journal_makes_a_stream_file_only_when_the_stream_is_written(tmp_path):
+    from ccexec.journal import JournalWriter, stream_size
+
+    job_id = "f" * 32
+    journal = JournalWriter(str(tmp_path), job_id)
+    assert not (tmp_path / job_id).exists() and journal.sizes == {"stdout": 0, "stderr": 0}
+    assert journal.append("stdout", b"hi\n") == 0
+    assert journal.append("stdout", b"there\n") == 3
+    journal.close()
+    assert sorted(os.listdir(tmp_path / job_id)) == ["stdout"]
+    assert stream_size(str(tmp_path), job_id, "stdout") == 9
+    assert stream_size(str(tmp_path), job_id, "stderr") == 0
+    reopened = JournalWriter(str(tmp_path), job_id)
+    assert reopened.sizes == {"stdout": 9, "stderr": 0}
+    assert reopened.append("stderr", b"e") == 0
+    reopened.close()
+    assert (tmp_path / job_id / "stdout").read_bytes() == b"hi\nthere\n"
+    assert (tmp_path / job_id / "stderr").read_bytes() == b"e"
