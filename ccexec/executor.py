@@ -154,6 +154,7 @@ class Executor:
         self.broker_seen = time.monotonic()
         self.stopping = asyncio.Event()
         self.daemon_env = daemon_environment()  # read once: the process's environment does not change
+        self.plain_env = job_environment(settings, self.daemon_env, {})  # a job's that sets no env of its own
 
     # ------------------------------------------------------------ broker link
 
@@ -278,6 +279,9 @@ class Executor:
         """In a worker thread: the job's journal, and whether its cwd exists (one hop for both)."""
         return JournalWriter(self.settings.jobs_dir, job_id), os.path.isdir(cwd)
 
+    def environment(self, requested: dict[str, str] | None) -> dict[str, str]:
+        return job_environment(self.settings, self.daemon_env, requested) if requested else self.plain_env
+
     async def execute(self, job: RunningJob, journal: JournalWriter, cwd: str) -> tuple[int, str, str | None]:
         """Run the job to its end: (exit_code, reason, error)."""
         argv = self.argv(job.spec)
@@ -287,7 +291,7 @@ class Executor:
         pipes = {stream: output_pipe() for stream in STREAMS}
         try:
             job.proc = await asyncio.create_subprocess_exec(
-                *argv, cwd=cwd, env=job_environment(self.settings, self.daemon_env, job.spec.get("env") or {}),
+                *argv, cwd=cwd, env=self.environment(job.spec.get("env")),
                 stdin=asyncio.subprocess.PIPE if stdin_text is not None else asyncio.subprocess.DEVNULL,
                 stdout=pipes["stdout"][1], stderr=pipes["stderr"][1], start_new_session=True)
         except OSError as exc:
