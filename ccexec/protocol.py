@@ -11,7 +11,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import orjson
 
@@ -34,6 +34,7 @@ CLOSE_POLICY_VIOLATION = 1008
 
 # A line longer than this many characters is sent as several chunks.
 CHUNK_CHARS = 65536
+FEED_PART = 16 << 10  # bytes of lines-mode output split at a time (about 200 lines) by feed_in_parts
 STREAMS = ("stdout", "stderr")
 STREAM_MODES = ("lines", "chunks")
 CONTROL_TYPES = {"PAUSE": "paused", "RESUME": "resumed", "CANCEL": "canceled"}
@@ -508,6 +509,20 @@ class OutputSplitter:
     def feed(self, data: bytes) -> list[Piece]:
         self._buf += data
         return self._split(final=False)
+
+    def feed_in_parts(self, data: bytes) -> Iterator[list[Piece]]:
+        """feed(), in lines mode split into parts of about FEED_PART bytes that
+        end at line ends, so that a caller can give up its loop between parts;
+        together they are the pieces feed(data) gives (a long line is never cut
+        between parts, so whether its end is known stays the same)."""
+        if self.mode != "lines":  # a few pieces at most
+            yield self.feed(data)
+            return
+        start = 0
+        while start < len(data):
+            end = data.find(b"\n", start + FEED_PART) + 1 or len(data)
+            yield self.feed(data[start:end])
+            start = end
 
     def finish(self) -> list[Piece]:
         """End of stream: everything still held goes out."""

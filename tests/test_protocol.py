@@ -1027,6 +1027,21 @@ MODES = st.sampled_from(["lines", "chunks"])
 
 
 class TestSplitterProperties:
+    @PROPERTY_BIG
+    @given(st.lists(st.integers(0, 90_000), min_size=1, max_size=12), st.booleans(), MODES)
+    def test_feeding_in_parts_gives_the_pieces_feeding_at_once_gives(self, lengths, ends_with_newline, mode):
+        raw = b"".join(b"x" * n + b"\n" for n in lengths)[:None if ends_with_newline else -1]
+        whole, parted = OutputSplitter(mode), OutputSplitter(mode)
+        expected = whole.feed(raw) + whole.finish()
+        assert [x for part in parted.feed_in_parts(raw) for x in part] + parted.finish() == expected
+
+    def test_lines_mode_feeds_a_big_read_in_parts_of_whole_lines(self):
+        raw = b"".join(b"%076d\n" % i for i in range(3400))  # 256 KiB of 77-byte lines
+        parts = list(OutputSplitter("lines").feed_in_parts(raw))
+        assert len(parts) == math.ceil(len(raw) / (p.FEED_PART + 77)) and all(parts)
+        assert [x.data for part in parts for x in part] == raw.decode().splitlines(keepends=True)
+        assert len(list(OutputSplitter("chunks").feed_in_parts(raw))) == 1
+
     @PROPERTY
     @given(text_and_cuts(), MODES, LIMITS, st.integers(0, 10**12))
     def test_valid_utf8_reassembles_exactly_with_small_limit(self, sample, mode, limit, start):
