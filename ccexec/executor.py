@@ -56,6 +56,7 @@ class RunningJob:
     started_at: float = field(default_factory=time.time)
     ended_by: str | None = None  # reason, when ccexec ended the job itself
     ended_error: str | None = None
+    journal_failed: bool = False  # a write to its journal failed: what it writes after is dropped
     paused: bool = False
     output_bytes: int = 0  # read from its pipes so far
     claude_reader: claude.ClaudeReader | None = None  # a Claude job's stdout events
@@ -259,9 +260,11 @@ class Executor:
         job = RunningJob(job_id, spec, claude_reader=claude.ClaudeReader() if claude.is_claude_job(spec) else None)
         self.jobs[job_id] = job
         cwd = self.resolve_cwd(spec)
-        journal, cwd_exists = await self.in_thread(self.prepare, job_id, cwd)
-        exit_code, reason, error = await self.execute(job, journal, cwd) if cwd_exists else \
-            (126, "rejected", f"working directory does not exist: {cwd}")
+        journal = JournalWriter(self.settings.jobs_dir, job_id)
+        if await self.in_thread(os.path.isdir, cwd):
+            exit_code, reason, error = await self.execute(job, journal, cwd)
+        else:
+            exit_code, reason, error = 126, "rejected", f"working directory does not exist: {cwd}"
         await self.in_thread(journal.close)
         self.jobs.pop(job_id, None)
         completed = {
@@ -274,10 +277,6 @@ class Executor:
             completed["error"] = error or job.claude_reader.error()
         self.unacked[job_id] = completed
         await self.send(bus.COMPLETED, completed)
-
-    def prepare(self, job_id: str, cwd: str) -> tuple[JournalWriter, bool]:
-        """In a worker thread: the job's journal, and whether its cwd exists (one hop for both)."""
-        return JournalWriter(self.settings.jobs_dir, job_id), os.path.isdir(cwd)
 
     def environment(self, requested: dict[str, str] | None) -> dict[str, str]:
         return job_environment(self.settings, self.daemon_env, requested) if requested else self.plain_env
@@ -388,18 +387,24 @@ class Executor:
                 if stream == "stdout" and job.claude_reader is not None:
                     await self.claude_events(job, None)
                 return
+            if job.journal_failed:
+                continue  # read and dropped: a byte after a lost one would sit at the wrong offset
             limit = self.settings.max_output_bytes
             if limit and job.output_bytes + len(data) > limit:
                 data = data[:max(0, limit - job.output_bytes)]  # the rest is read and dropped
-                if job.ended_by is None:
-                    job.ended_by = "output_limit"
-                    job.ended_error = (f"output limit reached: the job wrote more than {limit} bytes "
-                                       "(max_output_bytes); it was ended and its output kept up to the limit")
-                    self.spawn_task(self.end_job(job, job.ended_by, job.ended_error))
+                self.end_soon(job, "output_limit", f"output limit reached: the job wrote more than {limit} "
+                              "bytes (max_output_bytes); it was ended and its output kept up to the limit")
                 if not data:
                     continue
             job.output_bytes += len(data)
-            offset = await self.in_thread(journal.append, stream, data)
+            try:
+                offset = await self.in_thread(journal.append, stream, data)
+            except OSError as exc:  # a full or failing disk: end the job rather than lose output unsaid
+                job.journal_failed = True
+                logs.event(log, "job.journal_failed", logging.ERROR, job_id=job.job_id, stream=stream, error=exc)
+                self.end_soon(job, "journal_failed", f"its output could not be written to the journal ({exc}); "
+                              "it was ended and its output kept up to that point")
+                continue
             await self.send_output({"job_id": job.job_id, "stream": stream, "offset": offset}, data)
             if stream == "stdout" and job.claude_reader is not None:
                 await self.claude_events(job, data)
@@ -434,6 +439,13 @@ class Executor:
             proc.stdin.close()
         except (BrokenPipeError, ConnectionResetError):
             pass
+
+    def end_soon(self, job: RunningJob, reason: str, error: str) -> None:
+        """End the job for `reason` unless something already ends it; the
+        reason holds at once, for the reads still to come."""
+        if job.ended_by is None:
+            job.ended_by, job.ended_error = reason, error
+            self.spawn_task(self.end_job(job, reason, error))
 
     async def end_job(self, job: RunningJob, reason: str, error: str) -> None:
         """Terminate the job's tree: SIGTERM, then SIGKILL after the grace."""

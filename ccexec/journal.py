@@ -28,12 +28,13 @@ def job_dir(jobs_dir: str, job_id: str) -> str:
 class JournalWriter:
     """A job's directory and each stream's file are made on its first write:
     most jobs never write to stderr, and creating files is most of what a
-    short job costs the filesystem. A stream without a file is empty."""
+    short job costs the filesystem. A stream without a file is empty. Making
+    one touches no file: a job's executor writes its journal from the start."""
 
     def __init__(self, jobs_dir: str, job_id: str):
         self.path = job_dir(jobs_dir, job_id)
         self.fds: dict[str, int] = {}
-        self.sizes = {s: _size(os.path.join(self.path, s)) for s in STREAMS}  # a reopened journal goes on
+        self.sizes = dict.fromkeys(STREAMS, 0)
 
     def append(self, stream: str, data: bytes) -> int:
         """Append data; returns the stream offset it was written at."""
@@ -67,6 +68,10 @@ class JournalReplica(JournalWriter):
     network, where a dropped connection can lose some or a resend repeat
     them: each byte is written once, in order, and a chunk past the end
     (a gap) is refused so the caller can ask for a resend from `sizes`."""
+
+    def __init__(self, jobs_dir: str, job_id: str):
+        super().__init__(jobs_dir, job_id)
+        self.sizes = {s: _size(os.path.join(self.path, s)) for s in STREAMS}  # a restarted broker goes on
 
     def accept(self, stream: str, offset: int, data: bytes) -> tuple[int, bytes] | None:
         """(offset, the bytes that were new) or None for a gap."""

@@ -66,6 +66,26 @@ async def _first_output(job) -> None:
             return
 
 
+@async_test(60)
+async def test_job_whose_output_cannot_be_journaled_is_ended_and_says_so(make_daemon):
+    d = make_daemon()
+    jobs, moved = d.state_dir / "jobs", d.state_dir / "jobs.moved"
+    async with Client(d.url) as client:
+        jobs.rename(moved)
+        jobs.write_text("")  # not a directory: no journal can be made, as on a full disk
+        try:
+            result = await (await client.execute("echo lost; sleep 30")).wait(20)
+        finally:
+            jobs.unlink()
+            moved.rename(jobs)
+        assert result.reason == "journal_failed" and result.status == "failed"
+        assert result.exit_code in (-15, -9) and "journal" in result.completed["error"]
+        assert result.stdout == "" and result.completed["stdout_bytes"] == 0
+        again = await client.execute("echo kept")
+        assert (await again.wait(20)).stdout == "kept\n"
+    assert "job.journal_failed" in d.log_path.read_text()
+
+
 @async_test(90)
 async def test_killed_executor_jobs_end_lost_and_leave_no_orphans(make_daemon):
     d = make_daemon()
