@@ -109,6 +109,8 @@ class Job:
             event = await asyncio.wait_for(self.queue.get(), timeout)
             if event["method"] == "connection.lost":
                 raise ConnectionLost(event["params"]["error"])
+            if event["method"] == "error":  # the server can send no more of this job (its output is gone)
+                raise RPCError(**{k: event["params"].get(k) for k in ("code", "message", "data")})
             yield event
             if event["method"] == "process.completed":
                 return
@@ -216,11 +218,18 @@ class Client:
             return True
         return False
 
+    def _job_of_error(self, message: dict) -> Job | None:
+        """The job an unrequested error is about (`data.job_id`), if it is one of ours."""
+        data = (message.get("error") or {}).get("data")
+        return self._jobs.get(data.get("job_id")) if isinstance(data, dict) else None
+
     def _dispatch(self, message: dict) -> None:
         if "id" in message and ("result" in message or "error" in message):
             future = self._pending.pop(message["id"], None)
             if future is not None and not future.done():
                 future.set_result(message)
+            elif (job := self._job_of_error(message)) is not None:
+                job.queue.put_nowait({"method": "error", "params": message["error"]})
             elif "error" in message:
                 self.notifications.put_nowait(message)
             return

@@ -174,9 +174,21 @@ class JobStream:
                 await self.session.send(self.notices.popleft())
         except ConnectionClosed:
             pass
+        except OSError as exc:  # its journal went (retention, an operator) or cannot be read
+            await self.output_gone(exc)
         finally:
             self.finished = True
             self.session.job_done(self)
+
+    async def output_gone(self, exc: OSError) -> None:
+        """Tell the client that this connection can be sent no more of the job."""
+        logs.event(log, "job.output_unreadable", logging.WARNING, job_id=self.job_id, error=exc)
+        try:
+            await self.session.send(protocol.error_response(
+                None, protocol.OUTPUT_GONE, f"Output no longer available: the job's journal could not be read "
+                f"({exc.strerror or exc})", {"job_id": self.job_id}))
+        except ConnectionClosed:
+            pass
 
     async def wait_for_events(self) -> None:
         """Wait to be woken; a held partial chunk goes out when output pauses."""

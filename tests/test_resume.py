@@ -6,12 +6,14 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import time
+import urllib.parse
 
 import psutil
 import pytest
 
-from ccexec.client import Client, RPCError
+from ccexec.client import Client, Job, RPCError
 from support import async_test, ticker
 from wire import Wire
 
@@ -66,6 +68,42 @@ async def test_attach_errors(daemon):
     pruned = await wire.answer(await wire.request("attach", {"job_id": completed["job_id"]}))
     assert pruned["error"]["code"] == -32006
     await wire.close()
+
+
+@async_test(60)
+async def test_output_whose_journal_goes_while_it_is_sent_ends_with_output_gone(daemon):
+    size = 16 << 20
+    async with Client(daemon.url) as client:
+        done = await (await client.execute(f"head -c {size} /dev/zero | tr '\\0' x", stream_mode="chunks")).wait(30)
+    assert done.completed["stdout_bytes"] == size
+    # A reader with a small receive buffer that stops reading: the handler waits mid-replay.
+    host, port = urllib.parse.urlsplit(daemon.url).hostname, urllib.parse.urlsplit(daemon.url).port
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    sock.connect((host, port))
+    reader = await Wire.open(daemon.url, sock=sock, max_queue=1)
+    await reader.answer(await reader.request("attach", {"job_id": done.job_id, "stream_mode": "chunks"}))
+    await reader.until(lambda m: m.get("method") == "process.output", 10)
+    shutil.rmtree(daemon.state_dir / "jobs" / done.job_id)
+    gone = await reader.until(lambda m: "error" in m, 30)
+    assert gone["id"] is None and gone["error"]["code"] == -32006 and gone["error"]["data"] == {"job_id": done.job_id}
+    assert 0 < sum(p["size"] for p in reader.outputs(done.job_id)) < size
+    assert not [m for m in reader.of_job(done.job_id) if m.get("method") == "process.completed"]
+    _, after = await reader.run(command="echo after")  # the connection goes on
+    assert reader.text(after["job_id"]) == "after\n"
+    await reader.close()
+
+
+@async_test()
+async def test_client_raises_output_gone_from_the_job_it_is_about():
+    client = Client("ws://127.0.0.1:9")  # never connected: only its reading of messages is used
+    job = Job(client, "a" * 32, "started", 1)
+    client._jobs[job.job_id] = job
+    client._dispatch({"jsonrpc": "2.0", "id": None, "error": {
+        "code": -32006, "message": "Output no longer available", "data": {"job_id": job.job_id}}})
+    with pytest.raises(RPCError) as caught:
+        await job.wait(5)
+    assert caught.value.code == -32006 and client.notifications.empty()
 
 
 @async_test()
