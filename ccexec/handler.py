@@ -55,6 +55,10 @@ TOKEN_CHECK_INTERVAL = 1.0  # seconds between checks of the token file for chang
 JOB_LIMIT_RETRY_AFTER = 1  # seconds a client over max_jobs_per_connection is told to wait
 
 
+def unreadable_journal(exc: OSError) -> str:
+    return f"Output no longer available: the job's journal could not be read ({exc.strerror or exc})"
+
+
 class StreamState:
     """Where one output stream of one job stands for one connection."""
 
@@ -185,8 +189,7 @@ class JobStream:
         logs.event(log, "job.output_unreadable", logging.WARNING, job_id=self.job_id, error=exc)
         try:
             await self.session.send(protocol.error_response(
-                None, protocol.OUTPUT_GONE, f"Output no longer available: the job's journal could not be read "
-                f"({exc.strerror or exc})", {"job_id": self.job_id}))
+                None, protocol.OUTPUT_GONE, unreadable_journal(exc), {"job_id": self.job_id}))
         except ConnectionClosed:
             pass
 
@@ -425,7 +428,11 @@ class Session:
         try:
             answer = broker_answer(request, await self.handler.ask_broker({"what": "attach", "job_id": job.job_id}))
             record = answer["record"]
-            sizes = [await self.handler.journal_size(job.job_id, s) for s in STREAMS]
+            try:
+                sizes = [await self.handler.journal_size(job.job_id, s) for s in STREAMS]
+            except OSError as exc:
+                raise ProtocolError(protocol.OUTPUT_GONE, unreadable_journal(exc), {"job_id": job.job_id},
+                                    request.id) from exc
             self.check_replayable(request, record, offsets, sizes)
         except BaseException:
             job.finished = True

@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import websockets
 
 from ccexec import ctl
-from ccexec.client import Client
+from ccexec.client import Client, RPCError
 from support import Daemon, async_test, http_get, marked_processes, ticker, wait_for
 
 TICKER, TICKER_OUTPUT = ticker(150, 0.02)
@@ -71,16 +72,20 @@ async def test_job_whose_output_cannot_be_journaled_is_ended_and_says_so(make_da
     d = make_daemon()
     jobs, moved = d.state_dir / "jobs", d.state_dir / "jobs.moved"
     async with Client(d.url) as client:
+        before = await (await client.execute("echo before")).wait(20)
         jobs.rename(moved)
         jobs.write_text("")  # not a directory: no journal can be made, as on a full disk
         try:
             result = await (await client.execute("echo lost; sleep 30")).wait(20)
+            with pytest.raises(RPCError) as unreadable:  # nor read
+                await client.attach(before.job_id)
         finally:
             jobs.unlink()
             moved.rename(jobs)
         assert result.reason == "journal_failed" and result.status == "failed"
         assert result.exit_code in (-15, -9) and "journal" in result.completed["error"]
         assert result.stdout == "" and result.completed["stdout_bytes"] == 0
+        assert unreadable.value.code == -32006 and unreadable.value.data == {"job_id": before.job_id}
         again = await client.execute("echo kept")
         assert (await again.wait(20)).stdout == "kept\n"
     assert "job.journal_failed" in d.log_path.read_text()
