@@ -55,8 +55,8 @@ TOKEN_CHECK_INTERVAL = 1.0  # seconds between checks of the token file for chang
 JOB_LIMIT_RETRY_AFTER = 1  # seconds a client over max_jobs_per_connection is told to wait
 
 
-def unreadable_journal(exc: OSError) -> str:
-    return f"Output no longer available: the job's journal could not be read ({exc.strerror or exc})"
+def unreadable(exc: OSError) -> str:
+    return f"the job's journal could not be read ({exc.strerror or exc})"
 
 
 class StreamState:
@@ -188,8 +188,7 @@ class JobStream:
         """Tell the client that this connection can be sent no more of the job."""
         logs.event(log, "job.output_unreadable", logging.WARNING, job_id=self.job_id, error=exc)
         try:
-            await self.session.send(protocol.error_response(
-                None, protocol.OUTPUT_GONE, unreadable_journal(exc), {"job_id": self.job_id}))
+            await self.session.send(protocol.output_gone(self.job_id, unreadable(exc)).to_message())
         except ConnectionClosed:
             pass
 
@@ -431,8 +430,7 @@ class Session:
             try:
                 sizes = [await self.handler.journal_size(job.job_id, s) for s in STREAMS]
             except OSError as exc:
-                raise ProtocolError(protocol.OUTPUT_GONE, unreadable_journal(exc), {"job_id": job.job_id},
-                                    request.id) from exc
+                raise protocol.output_gone(job.job_id, unreadable(exc), request.id) from exc
             self.check_replayable(request, record, offsets, sizes)
         except BaseException:
             job.finished = True
@@ -456,8 +454,7 @@ class Session:
                          sizes: list[int]) -> None:
         recorded = (record.get("stdout_bytes") or 0, record.get("stderr_bytes") or 0)
         if any(size < want for size, want in zip(sizes, recorded)):
-            raise ProtocolError(protocol.OUTPUT_GONE, "Output no longer available: the job's journal was removed",
-                                {"job_id": record["job_id"]}, request.id)
+            raise protocol.output_gone(record["job_id"], "the job's journal was removed", request.id)
         for name, offset, size in zip(("stdout_offset", "stderr_offset"), offsets, sizes):
             if offset > size and record["state"] == "finished":
                 raise ProtocolError(protocol.INVALID_PARAMS, f"Invalid params: '{name}' is past the end ({size} bytes)",

@@ -61,6 +61,12 @@ class ProtocolError(Exception):
         return error_response(self.request_id, self.code, self.message, self.data)
 
 
+def output_gone(job_id: str, cause: str, request_id: Any = None) -> ProtocolError:
+    """-32006: a job's output can no longer be sent (`cause` says why); with
+    no request_id when it ends a replay or stream rather than answering."""
+    return ProtocolError(OUTPUT_GONE, f"Output no longer available: {cause}", {"job_id": job_id}, request_id)
+
+
 @dataclass(frozen=True)
 class Request:
     method: str

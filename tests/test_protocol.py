@@ -542,6 +542,13 @@ def output_text(job_id: str, stream: str, piece: Piece) -> str:
 
 
 class TestMessages:
+    def test_output_gone_answers_a_request_or_ends_a_stream_with_id_null(self):
+        answer = decoded(p.output_gone("j1", "the job's journal was removed", 7).to_message())
+        assert answer == {"jsonrpc": "2.0", "id": 7, "error": {
+            "code": -32006, "message": "Output no longer available: the job's journal was removed",
+            "data": {"job_id": "j1"}}}
+        assert decoded(p.output_gone("j1", "why").to_message())["id"] is None
+
     def test_process_output_has_exact_fields(self):
         piece = Piece(data="héllo\n", offset=10, size=7, truncated=True, chunk_index=2,
                       total_chunks=5)
