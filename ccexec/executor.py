@@ -259,13 +259,11 @@ class Executor:
     async def run_job(self, job_id: str, spec: dict) -> None:
         job = RunningJob(job_id, spec, claude_reader=claude.ClaudeReader() if claude.is_claude_job(spec) else None)
         self.jobs[job_id] = job
-        cwd = self.resolve_cwd(spec)
         journal = JournalWriter(self.settings.jobs_dir, job_id)
-        if await self.in_thread(os.path.isdir, cwd):
-            exit_code, reason, error = await self.execute(job, journal, cwd)
-        else:
-            exit_code, reason, error = 126, "rejected", f"working directory does not exist: {cwd}"
-        await self.in_thread(journal.close)
+        exit_code, reason, error = await self.execute(job, journal, self.resolve_cwd(spec))
+        # Its output is all written: nothing waits for the files to close
+        # (a short job's most costly step would otherwise be this thread hop).
+        self.io.submit(journal.close)
         self.jobs.pop(job_id, None)
         completed = {
             "job_id": job_id, "pid": job.pid, "pgid": job.pid, "exit_code": exit_code,
@@ -296,7 +294,7 @@ class Executor:
         except OSError as exc:
             for read_end, _ in pipes.values():
                 os.close(read_end)
-            return self.spawn_failure(exc, argv[0])
+            return self.spawn_failure(exc, argv[0], cwd)
         finally:
             for _, write_end in pipes.values():  # the job holds them now
                 os.close(write_end)
@@ -318,7 +316,14 @@ class Executor:
         return self.outcome(job)
 
     @staticmethod
-    def spawn_failure(exc: OSError, program: str) -> tuple[int, str, str]:
+    def spawn_failure(exc: OSError, program: str, cwd: str) -> tuple[int, str, str]:
+        # subprocess names the working directory when the child's chdir
+        # failed, the program when its exec did (a program that is the
+        # working directory itself can only have failed to exec).
+        if exc.filename == cwd and program != cwd:
+            if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+                return 126, "rejected", f"working directory does not exist: {cwd}"
+            return 126, "rejected", f"working directory cannot be entered: {cwd} ({exc.strerror})"
         if isinstance(exc, FileNotFoundError):
             return 127, "exit", f"command not found: {program}"
         if isinstance(exc, PermissionError):

@@ -164,12 +164,16 @@ async def test_working_directory_default_and_cwd_param(daemon, tmp_path):
 
 
 @async_test()
-async def test_missing_cwd_is_rejected_with_a_completed_message(daemon):
+async def test_missing_cwd_is_rejected_with_a_completed_message(daemon, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
     wire = await Wire.open(daemon.url)
     result, completed = await wire.run(command="pwd", cwd="/does/not/exist")
     assert result["status"] == "rejected" and result["pid"] is None
     assert (completed["reason"], completed["status"]) == ("rejected", "failed")
     assert "/does/not/exist" in completed["error"]
+    _, not_a_dir = await wire.run(command="pwd", cwd=str(a_file))
+    assert not_a_dir["reason"] == "rejected" and str(a_file) in not_a_dir["error"]
     await wire.close()
 
 
