@@ -46,6 +46,7 @@ class Settings:
     detach_grace: float = 30.0
     kill_grace: float = 2.0
     stall_timeout: float = 0.0
+    job_nice: int = 0
     env_remove: tuple[str, ...] = ("ANTHROPIC_API_KEY",)
     env_set: dict[str, str] = field(default_factory=lambda: {"PYTHONUNBUFFERED": "1"})
     watchdog_port: int = 0
@@ -251,6 +252,7 @@ def settings_from_ini(ini: configparser.ConfigParser) -> Settings:
         detach_grace=_number(ini, c, "detach_grace", d.detach_grace, float, 0, 86400),
         kill_grace=_number(ini, c, "kill_grace", d.kill_grace, float, 0, 300),
         stall_timeout=_number(ini, c, "stall_timeout", d.stall_timeout, float, 0, 10**7),
+        job_nice=_number(ini, c, "job_nice", d.job_nice, int, 0, 19),
         env_remove=tuple(get("env_remove", " ".join(d.env_remove)).split()),
         env_set=_pairs(get("env_set", "PYTHONUNBUFFERED=1"), "env_set"),
         watchdog_port=_number(ini, c, "watchdog_port", d.watchdog_port, int, 0, 65535),

@@ -132,6 +132,46 @@ def journal_closed(job_id: str, closing: Future) -> None:
         logs.event(log, "job.journal_close_failed", logging.ERROR, job_id=job_id, error=closing.exception())
 
 
+@dataclass(frozen=True)
+class JobPriority:
+    """The CPU priority jobs get right after they start, `job_nice` below
+    the executor's own: their leader's nice, which what it starts inherits,
+    and, where the kernel schedules each session as a group (autogroup) and
+    each job is a session of its own, the nice of the job's group, which is
+    what counts between groups. Raising a nice needs no privilege."""
+
+    nice: int
+    group_nice: int | None  # None: the kernel has no autogroups
+
+    @classmethod
+    def below_own(cls, increment: int) -> "JobPriority":
+        return cls(_lower(os.getpriority(os.PRIO_PROCESS, 0), increment),
+                   None if (own := _own_group_nice()) is None else _lower(own, increment))
+
+    def apply(self, pid: int) -> None:
+        """Cheap calls into /proc and the scheduler, made on the loop. A job
+        that already ended, or forked within the moment it takes, is let be."""
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, self.nice)
+            if self.group_nice is not None:
+                with open(f"/proc/{pid}/autogroup", "w") as f:
+                    f.write(str(self.group_nice))
+        except OSError:
+            pass
+
+
+def _lower(nice: int, increment: int) -> int:
+    return min(19, nice + increment)
+
+
+def _own_group_nice() -> int | None:
+    try:
+        with open("/proc/self/autogroup") as f:  # "/autogroup-123 nice 0"
+            return int(f.read().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def kill_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -164,6 +204,7 @@ class Executor:
         self.stopping = asyncio.Event()
         self.daemon_env = daemon_environment()  # read once: the process's environment does not change
         self.plain_env = job_environment(settings, self.daemon_env, {})  # a job's that sets no env of its own
+        self.job_priority = JobPriority.below_own(settings.job_nice) if settings.job_nice else None
 
     # ------------------------------------------------------------ broker link
 
@@ -307,6 +348,8 @@ class Executor:
             for _, write_end in pipes.values():  # the job holds them now
                 os.close(write_end)
         job.pid, job.started_at = job.proc.pid, time.time()
+        if self.job_priority is not None:
+            self.job_priority.apply(job.pid)
         readers = {stream: await pipe_reader(read_end) for stream, (read_end, _) in pipes.items()}
         if self.settings.remote:
             await self.in_thread(leftovers.record_owner, self.settings.jobs_dir, job.job_id, job.pid)

@@ -100,6 +100,8 @@ def _settings_with(section: str, key: str, value: str) -> Settings:
     ("ccexec", "heartbeat_interval", "26"),
     ("ccexec", "log_level", "loud"),
     ("ccexec", "env_set", "PYTHONUNBUFFERED"),
+    ("ccexec", "job_nice", "-1"),
+    ("ccexec", "job_nice", "20"),
 ])
 def test_bad_value_raises_config_error_naming_the_key(section, key, value):
     with pytest.raises(ConfigError) as error:

@@ -153,6 +153,25 @@ async def test_environment_policy(make_daemon):
     await wire.close()
 
 
+# The job's nice and its executor's (field 19 of stat; $PPID is the
+# executor), then the nice of each one's autogroup, where the kernel has them.
+SHOW_PRIORITY = ('echo $(cut -d" " -f19 /proc/$$/stat) $(cut -d" " -f19 /proc/$PPID/stat)'
+                 ' $(cut -s -d" " -f3 /proc/$$/autogroup /proc/$PPID/autogroup 2>/dev/null)')
+
+
+@async_test()
+async def test_job_nice_lowers_the_priority_of_the_job_and_its_session(make_daemon):
+    d = make_daemon(settings={"job_nice": 5})
+    wire = await Wire.open(d.url)
+    _, completed = await wire.run(command=SHOW_PRIORITY)
+    job, executor, *groups = map(int, wire.text(completed["job_id"]).split())
+    assert job == min(19, executor + 5)
+    if groups:
+        job_group, executor_group = groups
+        assert job_group == min(19, executor_group + 5)
+    await wire.close()
+
+
 @async_test()
 async def test_working_directory_default_and_cwd_param(daemon, tmp_path):
     wire = await Wire.open(daemon.url)
