@@ -25,7 +25,7 @@ def test_benchmark_suite_quick_run_completes_with_exact_output(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     workloads = {r["workload"] for r in rows}
     assert {"W1 per-connection", "W1 persistent", "W2 stream", "W3 8 MiB line", "W4 20 x sleep 2",
-            "W5 handshake under load", "Idle default pool"} <= workloads
+            "W5 handshake under load", "W5 handshake, jobs spinning", "Idle default pool"} <= workloads
     assert all(r["median"] == 1.0 for r in rows if r["metric"] == "exact")
     assert all(r["median"] == 100.0 for r in rows if r["metric"] == "completed %")
     assert all(r["median"] > 0 for r in rows)

@@ -11,8 +11,9 @@ when absent and running as root, else that column is skipped, saying why),
 "python floor" (tools/bench/floor_server.py: one Python process that does
 nothing but spawn and relay, the most any Python server on the same
 libraries could reach; W1 and W2) and "raw" (the same command spawned with
-asyncio subprocess pipes, no network). Prints a Markdown table (median, min-max over the runs, ratios
-ccexec/baseline) and writes JSON. Servers bind 127.0.0.1 only; every loop
+asyncio subprocess pipes, no network). W5 also probes ccexec while its own
+jobs spin the CPU, at job_nice 0 and 5. Prints a Markdown table (median,
+min-max over the runs, ratios ccexec/baseline) and writes JSON. Servers bind 127.0.0.1 only; every loop
 is bounded; everything started is stopped.
 """
 
@@ -75,10 +76,10 @@ def percentile(values: list[float], q: float) -> float:
 # ------------------------------------------------------------------ servers
 
 class CcexecServer:
-    def __init__(self, tmp: Path, slots: int = 8, executors: int = 2):
+    def __init__(self, tmp: Path, slots: int = 8, executors: int = 2, job_nice: int = 0):
         self.port = free_port()
         self.state = tmp / f"ccexec-{self.port}"
-        self.slots, self.executors = slots, executors
+        self.slots, self.executors, self.job_nice = slots, executors, job_nice
         self.proc: subprocess.Popen | None = None
         self.ready_after = 0.0
 
@@ -91,7 +92,8 @@ class CcexecServer:
         self.state.mkdir(parents=True)
         text = (ROOT / "etc" / "ccexec.ini").read_text()
         config.write_text(text.replace("slots_per_executor = 8", f"slots_per_executor = {self.slots}")
-                              .replace("max_queue = 1000", "max_queue = 100000"))
+                              .replace("max_queue = 1000", "max_queue = 100000")
+                              .replace("job_nice = 0", f"job_nice = {self.job_nice}"))
         started = time.monotonic()
         self.proc = subprocess.Popen([CCEXECD, "--config", str(config), "--port", str(self.port),
                                       "--state-dir", str(self.state / "state"), "--executors", str(self.executors),
@@ -473,6 +475,30 @@ async def w5(sizes: Sizes, runs: int, res: Results, tmp: Path, websocketd: bool)
             record_percentiles(res, workload, "websocketd, idle probe target", lat)
 
 
+SPIN = "timeout 60 sh -c 'while :; do :; done'"  # a job that only computes, bounded
+
+
+async def w5_jobs(sizes: Sizes, runs: int, res: Results, tmp: Path) -> None:
+    """Handshakes while jobs keep the cores busy, with the jobs at the
+    daemon's priority and at job_nice 5: what lowering them buys."""
+    workload = "W5 handshake, jobs spinning"
+    for _ in range(runs):
+        for job_nice in (0, 5):
+            async with CcexecServer(tmp, job_nice=job_nice) as server:
+                conns = [await websockets.connect(server.url, ping_interval=None) for _ in range(sizes.w5_streamers)]
+                try:
+                    for ws in conns:
+                        await ws.send(json.dumps({"jsonrpc": "2.0", "method": "execute", "id": 1,
+                                                  "params": {"command": SPIN}}))
+                        while '"process.started"' not in await asyncio.wait_for(ws.recv(), 30):
+                            pass
+                    lat = await handshake_latencies(server.url, sizes.w5_probes)
+                finally:
+                    for ws in conns:
+                        await ws.close()
+            record_percentiles(res, workload, f"ccexec job_nice={job_nice}", lat)
+
+
 async def probed_under_load(kind: str, stream_url: str, probe_url: str, command: str, sizes: Sizes) -> list[float]:
     load = start_load(kind, stream_url, command, sizes.w5_streamers)
     try:
@@ -535,6 +561,7 @@ async def main_async(args: argparse.Namespace) -> Results:
             await w4(sizes, runs, res, tmp)
         if "W5" in only:
             await w5(sizes, runs, res, tmp, websocketd)
+            await w5_jobs(sizes, runs, res, tmp)
         if "IDLE" in only:
             await idle(runs, res, tmp)
     return res
