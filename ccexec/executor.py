@@ -135,10 +135,11 @@ def journal_closed(job_id: str, closing: Future) -> None:
 @dataclass(frozen=True)
 class JobPriority:
     """The CPU priority jobs get right after they start, `job_nice` below
-    the executor's own: their leader's nice, which what it starts inherits,
-    and, where the kernel schedules each session as a group (autogroup) and
-    each job is a session of its own, the nice of the job's group, which is
-    what counts between groups. Raising a nice needs no privilege."""
+    the executor's own. Two values are set: the leader's nice (inherited by
+    what it starts) and, where the kernel schedules each session as a group
+    (autogroup; each job is a session of its own), the nice of the job's
+    group, which is what counts between groups. Raising either needs no
+    privilege."""
 
     nice: int
     group_nice: int | None  # None: the kernel has no autogroups
