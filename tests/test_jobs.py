@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from ccexec.client import Client, run as run_sync
+from ccexec.executor import Executor
 from support import async_test, wait_for
 from wire import Wire
 
@@ -194,6 +195,19 @@ async def test_missing_cwd_is_rejected_with_a_completed_message(daemon, tmp_path
     _, not_a_dir = await wire.run(command="pwd", cwd=str(a_file))
     assert not_a_dir["reason"] == "rejected" and str(a_file) in not_a_dir["error"]
     await wire.close()
+
+
+@pytest.mark.parametrize("error, program, outcome", [
+    (PermissionError(13, "Permission denied", "/srv/w"), "/bin/sh",
+     (126, "rejected", "working directory cannot be entered: /srv/w (Permission denied)")),
+    (FileNotFoundError(2, "No such file or directory", "/srv/w"), "/bin/sh",
+     (126, "rejected", "working directory does not exist: /srv/w")),
+    (FileNotFoundError(2, "No such file or directory", "nosuch"), "nosuch", (127, "exit", "command not found: nosuch")),
+    (PermissionError(13, "Permission denied", "/srv/w"), "/srv/w", (126, "exit", "permission denied: /srv/w")),
+])
+def test_a_failed_spawn_blames_the_working_directory_or_the_program(error, program, outcome):
+    """subprocess names the directory when the child's chdir failed, the program when its exec did."""
+    assert Executor.spawn_failure(error, program, "/srv/w") == outcome
 
 
 @async_test()
