@@ -40,6 +40,7 @@ import websockets
 ROOT = Path(__file__).resolve().parents[2]
 CCEXECD = str(Path(sys.executable).parent / "ccexecd")
 DONE = "__bench_done__"
+JOB_TIMEOUT = 300  # seconds any one job of any workload may take: a server that stops answering fails the run
 OUTPUT_PREFIX = '{"jsonrpc":"2.0","method":"process.output"'
 COMPLETED_PREFIX = '{"jsonrpc":"2.0","method":"process.completed"'
 # websocketd runs one program per connection; for persistent connections the
@@ -209,14 +210,15 @@ async def ccexec_job(url: str, command: str, ws=None, **params) -> tuple[int, fl
     own = ws is None
     ws = ws or await websockets.connect(url, max_size=None, open_timeout=30, ping_interval=None)
     try:
-        await ws.send(json.dumps({"jsonrpc": "2.0", "method": "execute", "id": 1,
-                                  "params": {"command": command, **params}}))
-        size = 0
-        async for raw in ws:
-            if raw.startswith(OUTPUT_PREFIX):  # as lean as the websocketd client: no JSON parsing
-                size += int(raw[raw.rindex('"size":') + 7:-2])
-            elif raw.startswith(COMPLETED_PREFIX):
-                return size, time.monotonic() - started
+        async with asyncio.timeout(JOB_TIMEOUT):
+            await ws.send(json.dumps({"jsonrpc": "2.0", "method": "execute", "id": 1,
+                                      "params": {"command": command, **params}}))
+            size = 0
+            async for raw in ws:
+                if raw.startswith(OUTPUT_PREFIX):  # as lean as the websocketd client: no JSON parsing
+                    size += int(raw[raw.rindex('"size":') + 7:-2])
+                elif raw.startswith(COMPLETED_PREFIX):
+                    return size, time.monotonic() - started
         raise RuntimeError("connection closed before process.completed")
     finally:
         if own:
@@ -225,7 +227,8 @@ async def ccexec_job(url: str, command: str, ws=None, **params) -> tuple[int, fl
 
 async def websocketd_oneshot(url: str) -> tuple[int, float]:
     started, size = time.monotonic(), 0
-    async with websockets.connect(url, max_size=None, open_timeout=30, ping_interval=None) as ws:
+    async with websockets.connect(url, max_size=None, open_timeout=30, ping_interval=None) as ws, \
+            asyncio.timeout(JOB_TIMEOUT):
         try:
             async for message in ws:
                 size += len(message) + 1  # websocketd strips the newline of each line
@@ -236,11 +239,12 @@ async def websocketd_oneshot(url: str) -> tuple[int, float]:
 
 async def websocketd_command(ws, command: str) -> tuple[int, float]:
     started, size = time.monotonic(), 0
-    await ws.send(command)
-    async for message in ws:
-        if message == DONE:
-            return size, time.monotonic() - started
-        size += len(message) + 1
+    async with asyncio.timeout(JOB_TIMEOUT):
+        await ws.send(command)
+        async for message in ws:
+            if message == DONE:
+                return size, time.monotonic() - started
+            size += len(message) + 1
     raise RuntimeError("websocketd closed early")
 
 
