@@ -13,8 +13,8 @@ nothing but spawn and relay, the most any Python server on the same
 libraries could reach; W1 and W2) and "raw" (the same command spawned with
 asyncio subprocess pipes, no network). W5 also probes ccexec while its own
 jobs spin the CPU, at job_nice 0 and 5. Prints a Markdown table (median,
-min-max over the runs, ratios ccexec/baseline) and writes JSON. Servers bind 127.0.0.1 only; every loop
-is bounded; everything started is stopped.
+min-max over the runs, ratios ccexec/baseline) and writes JSON. Servers
+bind 127.0.0.1 only; every loop is bounded; everything started is stopped.
 """
 
 from __future__ import annotations
