@@ -204,6 +204,10 @@ def websocketd_available() -> str | None:
 
 # ------------------------------------------------------------------ clients
 
+def execute_request(command: str, **params) -> str:
+    return json.dumps({"jsonrpc": "2.0", "method": "execute", "id": 1, "params": {"command": command, **params}})
+
+
 async def ccexec_job(url: str, command: str, ws=None, **params) -> tuple[int, float]:
     """Run one job; (stdout bytes, seconds). Opens its own connection unless given one."""
     started = time.monotonic()
@@ -211,8 +215,7 @@ async def ccexec_job(url: str, command: str, ws=None, **params) -> tuple[int, fl
     ws = ws or await websockets.connect(url, max_size=None, open_timeout=30, ping_interval=None)
     try:
         async with asyncio.timeout(JOB_TIMEOUT):
-            await ws.send(json.dumps({"jsonrpc": "2.0", "method": "execute", "id": 1,
-                                      "params": {"command": command, **params}}))
+            await ws.send(execute_request(command, **params))
             size = 0
             async for raw in ws:
                 if raw.startswith(OUTPUT_PREFIX):  # as lean as the websocketd client: no JSON parsing
@@ -492,8 +495,7 @@ async def w5_jobs(sizes: Sizes, runs: int, res: Results, tmp: Path) -> None:
                 conns = [await websockets.connect(server.url, ping_interval=None) for _ in range(sizes.w5_streamers)]
                 try:
                     for ws in conns:
-                        await ws.send(json.dumps({"jsonrpc": "2.0", "method": "execute", "id": 1,
-                                                  "params": {"command": SPIN}}))
+                        await ws.send(execute_request(SPIN))
                         while '"process.started"' not in await asyncio.wait_for(ws.recv(), 30):
                             pass
                     lat = await handshake_latencies(server.url, sizes.w5_probes)
