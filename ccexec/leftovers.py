@@ -36,7 +36,7 @@ def _ccexec_role(proc: psutil.Process) -> str | None:
     cmdline = proc.info["cmdline"] or []
     if cmdline[1:3] == ["-m", "ccexec"] and len(cmdline) > 3:
         return cmdline[3]
-    if len(cmdline) > 1 and cmdline[1:2] == ["-c"] and "circus" in cmdline[2] and "plugins" in cmdline[2]:
+    if cmdline[1:2] == ["-c"] and len(cmdline) > 2 and "circus" in cmdline[2] and "plugins" in cmdline[2]:
         return "plugin"
     return None
 

@@ -156,6 +156,18 @@ def test_port_held_by_another_program_is_reported_with_its_pid_and_name(make_dae
     assert str(daemon.port) in done.stderr, done.stderr
 
 
+def test_starts_beside_other_programs_whose_command_line_looks_like_a_plugin(make_daemon):
+    # `python -c <script>` is how Circus runs its plugins; `wc -c` (as in
+    # `… | wc -c`) has the "-c" and nothing after it.
+    with subprocess.Popen(["wc", "-c"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL) as counter:
+        try:
+            daemon = make_daemon()
+            assert http_get(daemon.port, "/ready")[0] == 200
+        finally:
+            counter.stdin.close()
+    assert counter.returncode == 0
+
+
 # ------------------------------------------------------------------ command line
 
 
