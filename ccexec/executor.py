@@ -135,11 +135,12 @@ def journal_closed(job_id: str, closing: Future) -> None:
 @dataclass(frozen=True)
 class JobPriority:
     """The CPU priority jobs get right after they start, `job_nice` below
-    the executor's own. Two values are set: the leader's nice (inherited by
-    what it starts) and, where the kernel schedules each session as a group
-    (autogroup; each job is a session of its own), the nice of the job's
-    group, which is what counts between groups. Raising either needs no
-    privilege."""
+    the executor's own. Two values are set: the nice of every thread in the
+    job's process group (the leader's, inherited by what it starts later,
+    and that of any thread or child started in the moment before) and, where
+    the kernel schedules each session as a group (autogroup; each job is a
+    session of its own), the nice of the job's group, which is what counts
+    between groups. Raising either needs no privilege."""
 
     nice: int
     group_nice: int | None  # None: the kernel has no autogroups
@@ -150,10 +151,10 @@ class JobPriority:
                    None if (own := _own_group_nice()) is None else _lower(own, increment))
 
     def apply(self, pid: int) -> None:
-        """Cheap calls into /proc and the scheduler, made on the loop. A job
-        that already ended, or forked within the moment it takes, is let be."""
+        """Cheap calls into /proc and the scheduler, made on the loop, before
+        the job is fed its stdin. A job that already ended is let be."""
         try:
-            os.setpriority(os.PRIO_PROCESS, pid, self.nice)
+            os.setpriority(os.PRIO_PGRP, pid, self.nice)  # the leader is its group's id
             if self.group_nice is not None:
                 with open(f"/proc/{pid}/autogroup", "w") as f:
                     f.write(str(self.group_nice))

@@ -156,19 +156,23 @@ async def test_environment_policy(make_daemon):
 
 # The job's nice and its executor's (field 19 of stat; $PPID is the
 # executor), then the nice of each one's autogroup, where the kernel has them.
-SHOW_PRIORITY = ('echo $(cut -d" " -f19 /proc/$$/stat) $(cut -d" " -f19 /proc/$PPID/stat)'
-                 ' $(cut -s -d" " -f3 /proc/$$/autogroup /proc/$PPID/autogroup 2>/dev/null)')
+# Started before it reads its stdin, which the executor feeds only once the
+# priority is set: the child may have been forked before that or after.
+SHOW_PRIORITY = ('sleep 30 >/dev/null 2>&1 & read go;'
+                 ' echo $(cut -d" " -f19 /proc/$PPID/stat /proc/$$/stat /proc/$!/stat);'
+                 ' echo $(cut -s -d" " -f3 /proc/$PPID/autogroup /proc/$$/autogroup 2>/dev/null); kill $!')
 
 
 @async_test()
 async def test_job_nice_lowers_the_priority_of_the_job_and_its_session(make_daemon):
     d = make_daemon(settings={"job_nice": 5})
     wire = await Wire.open(d.url)
-    _, completed = await wire.run(command=SHOW_PRIORITY)
-    job, executor, *groups = map(int, wire.text(completed["job_id"]).split())
-    assert job == min(19, executor + 5)
+    _, completed = await wire.run(command=SHOW_PRIORITY, stdin="go\n")
+    nices, groups = (list(map(int, line.split())) for line in wire.text(completed["job_id"]).split("\n")[:2])
+    executor, *job = nices
+    assert job == [min(19, executor + 5)] * 2  # the shell and the child it started at once
     if groups:
-        job_group, executor_group = groups
+        executor_group, job_group = groups
         assert job_group == min(19, executor_group + 5)
     await wire.close()
 
