@@ -68,8 +68,8 @@ def unpack(frames: list[bytes]) -> tuple[bytes, dict, list[bytes]]:
         raise ValueError(f"short message of {len(frames)} frames")
     try:
         header = orjson.loads(frames[1])
-    except orjson.JSONDecodeError:  # a header json wrote: an integer of 64+ bits, a lone surrogate
-        header = json.loads(frames[1].decode("utf-8", "surrogatepass"))
+    except orjson.JSONDecodeError:  # a header json wrote: an integer of 64+ bits
+        header = json.loads(frames[1])
     if not isinstance(header, dict):
         raise ValueError("message header is not an object")
     return frames[0], header, frames[2:]

@@ -124,14 +124,19 @@ class AttachSpec:
 # ---------------------------------------------------------------- encoding
 
 def encode_bytes(message: dict) -> bytes:
+    """Compact JSON, always valid UTF-8: a lone surrogate (JSON a job printed,
+    a Claude line, may spell one as "\\ud800") becomes U+FFFD, as an
+    undecodable byte of output does, so that every process, the job store and
+    a WebSocket text frame can carry it."""
     try:
-        return orjson.dumps(message)  # compact JSON, several times faster than json.dumps
-    except TypeError:  # orjson stops at 64-bit integers, and a client's id may be larger
-        return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+        return orjson.dumps(message)  # several times faster than json.dumps
+    except TypeError:  # orjson stops at 64-bit integers (a client's id may be larger) and lone surrogates
+        text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace").encode()
 
 
 def encode(message: dict) -> str:
-    return encode_bytes(message).decode("utf-8", "surrogatepass")
+    return encode_bytes(message).decode()
 
 
 def response(request_id: Any, result: Any) -> str:

@@ -601,3 +601,22 @@ async def test_other_jobs_get_no_claude_events_and_no_claude_summary(daemon):
         "process.started", "process.output", "process.completed"]
     assert "claude" not in completed and completed["error"] is None
     await wire.close()
+
+
+@async_test(60)
+async def test_a_lone_surrogate_escape_in_a_claude_line_becomes_u_fffd_and_the_connection_stays(daemon, tmp_path):
+    # JSON may spell a lone surrogate ("\ud800"); no UTF-8 text frame can carry it.
+    recorded = tmp_path / "lone-surrogate.jsonl"
+    recorded.write_text('{"type":"system","subtype":"init","session_id":"\\ud800x","model":"m","tools":[]}\n'
+                        '{"type":"result","is_error":true,"result":"bad \\udc00","num_turns":1}\n')
+    wire = await Wire.open(daemon.url)
+    _, completed = await wire.run(30, argv=["cat", str(recorded)], claude=True)
+    job_id = completed["job_id"]
+    assert [(e["kind"], e.get("session_id")) for e in claude_events(wire, job_id)] == [
+        ("init", "\ufffdx"), ("result", None)]
+    assert claude_events(wire, job_id, "result")[0]["result"] == "bad \ufffd"
+    assert completed["claude"]["session_id"] == "\ufffdx" and completed["error"] == "bad \ufffd"
+    assert wire.text(job_id) == recorded.read_text()
+    _, again = await wire.run(command="echo still here")  # the same connection serves on
+    assert wire.text(again["job_id"]) == "still here\n"
+    await wire.close()

@@ -666,6 +666,16 @@ class TestMessages:
                                                   -32001, -32002, -32003, -32005, -32006)
         assert p.CLOSE_POLICY_VIOLATION == 1008
 
+    @pytest.mark.parametrize("text", ["\ud800", "a\udfffb", "\ud83d", "ok \U0001F600 \udc80"])
+    @pytest.mark.parametrize("big_id", [False, True])
+    def test_a_lone_surrogate_in_a_message_becomes_u_fffd_never_invalid_utf8(self, text, big_id):
+        request_id = 2**70 if big_id else 1  # json, not orjson, then encodes the message
+        for message in (p.notification("claude.event", {"session_id": text}),
+                        p.response(request_id, {"record": {"name": text}}),
+                        p.error_response(request_id, -32603, text)):
+            message.encode("utf-8")  # what a WebSocket text frame needs
+            assert text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace") in message
+
     def test_process_queued_shape(self):
         assert decoded(p.process_queued("j", 3))["params"] == {"job_id": "j", "position": 3}
         assert decoded(p.process_queued("j", 1, after="k"))["params"]["after"] == "k"
