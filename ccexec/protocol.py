@@ -259,6 +259,8 @@ def _utf8_clean(message: Any) -> bool:
         json.dumps(message, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         return False
+    except RecursionError:  # parsed with a frame or two of stack to spare: too deep all the same
+        raise ProtocolError(PARSE_ERROR, "Parse error: nesting too deep") from None
     return True
 
 

@@ -235,6 +235,15 @@ class TestParseFrame:
         assert error.code == -32700
         assert error.request_id is None
 
+    @pytest.mark.parametrize("open_, close", [("[", "]"), ('{"a":', "}")])
+    def test_deep_nesting_with_a_lone_surrogate_is_an_error_at_every_depth(self, open_, close):
+        # Whatever depth the parser just manages, checking its strings must not
+        # run out of stack where parsing did not (-32603 and a traceback).
+        import sys
+        for depth in range(sys.getrecursionlimit() - 100, sys.getrecursionlimit() + 10):
+            error = parse_error(open_ * depth + '"\\ud800"' + close * depth)
+            assert error.code in (-32700, -32600) and error.request_id is None, depth
+
     def test_parse_error_message_is_valid_json_rpc_error(self):
         message = decoded(parse_error("{oops").to_message())
         assert message["jsonrpc"] == "2.0"

@@ -194,6 +194,19 @@ async def test_bad_request_gets_error_and_connection_stays(daemon, frame, code):
 
 
 @async_test()
+async def test_deep_nesting_with_a_lone_surrogate_is_a_request_error_at_any_depth(daemon):
+    # The handler parses with some stack already in use: try every depth around the limit.
+    wire = await Wire.open(daemon.url)
+    depths = range(700, 1100)
+    for depth in depths:
+        await wire.send_raw("[" * depth + '"\\ud800"' + "]" * depth)
+    codes = [(await wire.until(lambda m: "error" in m, 10))["error"]["code"] for _ in depths]
+    assert set(codes) <= {-32700, -32600}, sorted(set(codes))
+    assert (await wire.answer(await wire.request("ping")))["result"]["pong"] is True
+    await wire.close()
+
+
+@async_test()
 async def test_invalid_params_error_names_the_param(daemon):
     wire = await Wire.open(daemon.url)
     answer = await wire.answer(await wire.request("execute", {"command": "true", "stream_mode": "words"}))
