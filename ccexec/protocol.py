@@ -40,6 +40,10 @@ STREAM_MODES = ("lines", "chunks")
 CONTROL_TYPES = {"PAUSE": "paused", "RESUME": "resumed", "CANCEL": "canceled"}
 JOB_STATES = ("running", "queued", "finished")
 LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # executor label names and values
+# UTF-8 bytes at most in one `command` or `argv` string: Linux execs no argument
+# longer (MAX_ARG_STRLEN, 128 KiB with its NUL), so nothing longer could ever run,
+# and reading one (the command policy, Claude detection) would hold a loop for seconds.
+MAX_ARG_BYTES = (128 << 10) - 1
 MAX_LABELS = 32
 CAPABILITIES = [
     "execute", "control", "stream", "heartbeat", "queue", "chunks",
@@ -345,12 +349,20 @@ def _command_or_argv(request: Request) -> tuple[str | None, tuple[str, ...] | No
             raise _invalid(request, "argv", "must be a non-empty list of strings")
         if not argv[0] or any("\0" in a for a in argv):
             raise _invalid(request, "argv", "must not hold NUL bytes or an empty program")
+        if any(_too_long(a) for a in argv):
+            raise _invalid(request, "argv", f"must not hold a string of more than {MAX_ARG_BYTES} UTF-8 bytes")
         return None, tuple(argv)
     if not isinstance(command, str) or not command.strip():
         raise _invalid(request, "command", "is required and must be a non-empty string")
     if "\0" in command:
         raise _invalid(request, "command", "must not contain NUL bytes")
+    if _too_long(command):
+        raise _invalid(request, "command", f"must not be longer than {MAX_ARG_BYTES} UTF-8 bytes")
     return command, None
+
+
+def _too_long(arg: str) -> bool:
+    return len(arg) > MAX_ARG_BYTES // 4 and len(arg.encode("utf-8", "surrogatepass")) > MAX_ARG_BYTES
 
 
 def _env(request: Request) -> dict[str, str]:

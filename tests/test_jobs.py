@@ -14,6 +14,7 @@ import pytest
 
 from ccexec.client import Client, run as run_sync
 from ccexec.executor import Executor
+from ccexec.protocol import MAX_ARG_BYTES
 from support import async_test, wait_for
 from wire import Wire
 
@@ -221,6 +222,25 @@ async def test_argv_runs_without_a_shell(daemon):
     assert wire.text(completed["job_id"]) == "$HOME|a b"
     _, missing = await wire.run(argv=["no_such_program_anywhere"])
     assert (missing["exit_code"], missing["reason"]) == (127, "exit")
+    await wire.close()
+
+
+@async_test(90)
+async def test_a_string_longer_than_one_exec_argument_is_invalid_params_and_disturbs_no_job(daemon):
+    wire = await Wire.open(daemon.url)
+    others = [await wire.execute(command="sleep 4; echo done", parallel=True) for _ in range(4)]
+    limit = MAX_ARG_BYTES
+    _, longest = await wire.run(command="true #" + "a" * (limit - 6), parallel=True)
+    assert (longest["exit_code"], longest["reason"]) == (0, "exit")
+    too_long = "true #" + "\u00e9" * ((limit - 6) // 2 + 1)  # UTF-8 bytes count, not characters
+    huge = "true " + "a " * (4_500_000)  # 9 MB: within max_frame_bytes
+    for params, param in (({"command": too_long}, "command"), ({"command": huge}, "command"),
+                          ({"argv": ["echo", "a" * (limit + 1)]}, "argv")):
+        answer = await wire.answer(await wire.request("execute", {**params, "parallel": True}), 30)
+        assert answer["error"]["code"] == -32602 and answer["error"]["data"] == {"param": param}
+    for result in others:  # their executors were never held up
+        completed = await wire.completed(result["job_id"], 30)
+        assert (completed["reason"], wire.text(result["job_id"])) == ("exit", "done\n"), completed
     await wire.close()
 
 
