@@ -295,11 +295,13 @@ class Session:
             self.ws.transport.write(protocol.websocket_text_frames(messages))
 
     def job_done(self, job: JobStream) -> None:
-        self.jobs.pop(job.job_id, None)
+        if self.jobs.get(job.job_id) is job:  # not a later attach of the same job
+            del self.jobs[job.job_id]
         self.handler.unfollow(job)
 
     def running_job(self) -> JobStream | None:
-        running = [j for j in self.jobs.values() if j.started and j.final is None]
+        """The most recently submitted running job (an attached one is never chosen by default)."""
+        running = [j for j in self.jobs.values() if j.submit is not None and j.started and j.final is None]
         return running[-1] if running else None
 
     async def heartbeat_loop(self) -> None:
@@ -435,6 +437,7 @@ class Session:
         except BaseException:
             job.finished = True
             job.pump_task.cancel()
+            self.job_done(job)  # now, not when the pump next runs: the next frame may attach again
             raise
         job.started = record["state"] == "running"
         job.pid = job.pgid = record.get("pid")
@@ -462,9 +465,10 @@ class Session:
 
     async def control(self, request: protocol.Request, spec: protocol.ControlSpec) -> None:
         try:
-            job = self.jobs.get(spec.job_id) if spec.job_id else self.running_job()
+            job = self.jobs.get(spec.job_id) if spec.job_id is not None else self.running_job()
             if job is None or job.finished:
-                what = f"job {spec.job_id} on this connection" if spec.job_id else "running job on this connection"
+                what = (f"job {spec.job_id} on this connection" if spec.job_id is not None
+                        else "running job on this connection")
                 raise ProtocolError(protocol.JOB_NOT_FOUND, f"Process not found: no {what}",
                                     {"job_id": spec.job_id}, request.id)
             result = await self.handler.ask_broker({"job_id": job.job_id, "action": spec.action}, bus.CONTROL)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -186,3 +187,42 @@ async def test_client_gives_up_after_its_retry_policy(tmp_path):
         await client.close()
     finally:
         d.cleanup()
+
+
+@async_test(60)
+async def test_control_without_job_id_acts_on_a_job_this_connection_submitted_not_one_it_attached(daemon):
+    owner, other = await Wire.open(daemon.url), await Wire.open(daemon.url)
+    theirs = await owner.execute(command="sleep 30", detach=True)
+    mine = await other.execute(command="sleep 30")
+    await other.until(lambda m: m.get("method") == "process.started", 10)
+    attached = await other.answer(await other.request("attach", {"job_id": theirs["job_id"]}))
+    assert attached["result"]["state"] == "running"
+    empty = await other.answer(await other.request("control", {"type": "CANCEL", "job_id": ""}))
+    assert empty["error"]["code"] == -32002  # a job_id names a job, even an empty one
+    answer = await other.answer(await other.request("control", {"type": "CANCEL"}))
+    assert answer["result"] == {"status": "canceled", "job_id": mine["job_id"]}
+    assert (await other.completed(mine["job_id"]))["reason"] == "canceled"
+    status = await owner.answer(await owner.request("job.status", {"job_id": theirs["job_id"]}))
+    assert status["result"]["state"] == "running"
+    await owner.answer(await owner.request("control", {"type": "CANCEL", "job_id": theirs["job_id"]}))
+    assert (await owner.completed(theirs["job_id"]))["reason"] == "canceled"
+    await owner.close()
+    await other.close()
+
+
+@async_test()
+async def test_a_failed_attach_can_be_retried_at_once(daemon):
+    wire = await Wire.open(daemon.url)
+    _, completed = await wire.run(command="echo once")
+    job_id = completed["job_id"]
+    too_far = {"job_id": job_id, "stdout_offset": 99}
+    # Pipelined: the retry is read as soon as the first attach is answered.
+    await wire.send_raw(json.dumps({"jsonrpc": "2.0", "method": "attach", "params": too_far, "id": "a"}))
+    await wire.send_raw(json.dumps({"jsonrpc": "2.0", "method": "attach", "params": {"job_id": job_id}, "id": "b"}))
+    first, retry = await wire.answer("a"), await wire.answer("b")
+    assert first["error"]["code"] == -32602
+    assert retry["result"]["state"] == "finished", retry
+    assert len([m for m in wire.messages if m.get("method") == "process.completed"]) == 1
+    again = await wire.until(lambda m: m.get("method") == "process.completed", 10)
+    assert again["params"]["job_id"] == job_id and wire.text(job_id) == "once\nonce\n"
+    await wire.close()
