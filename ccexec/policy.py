@@ -44,6 +44,9 @@ def is_loopback(host: str) -> bool:
 # ---------------------------------------------------------------- tokens
 
 _TOKEN_NAME = re.compile(r"^[A-Za-z0-9_.@:+-]{1,64}$")
+# What an HTTP header carries as it is: a token of other characters reaches the
+# handshake in whichever encoding the client chose, and could never match.
+_TOKEN = re.compile(r"^[\x21-\x7e]+$")
 MIN_TOKEN_CHARS = 16
 
 
@@ -89,6 +92,9 @@ def parse_tokens(text: str, source: str = "token file") -> Tokens:
             raise PolicyError(f"{source} line {number}: token name {name!r} is used twice")
         if len(token) < MIN_TOKEN_CHARS:
             raise PolicyError(f"{source} line {number}: token {name!r} is shorter than {MIN_TOKEN_CHARS} characters")
+        if not _TOKEN.match(token):
+            raise PolicyError(f"{source} line {number}: token {name!r} holds a character other than "
+                              "printable ASCII, which an Authorization header cannot carry reliably")
         if token in seen:
             raise PolicyError(f"{source} line {number}: token {name!r} repeats another name's token")
         tokens[name] = token

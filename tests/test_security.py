@@ -163,6 +163,22 @@ def test_ccexecd_refuses_a_token_file_others_may_read(make_daemon, tmp_path):
     assert done.returncode != 0 and "line 4" in done.stderr and TOKENS["alice"] not in done.stderr, done.stderr
 
 
+def test_a_token_an_http_header_cannot_carry_is_refused_by_name_not_loaded(make_daemon, tmp_path):
+    # Header bytes reach the handshake decoded as ISO-8859-1: "s\u00e9same…" sent as
+    # UTF-8 (as curl or a UTF-8 terminal sends it) never matched, and a character
+    # beyond Latin-1 matched no bytes at all.
+    for token in ("s\u00e9same-0123456789abcdef", "\u20ac" * 16, "tab\x7fdelete-0123456789"):
+        with pytest.raises(policy.PolicyError, match="line 1: token 'alice' holds a character") as refused:
+            policy.parse_tokens(f"alice {token}")
+        assert token not in str(refused.value)
+    assert policy.parse_tokens("alice " + "A-z_0~9.+/=!#$%&*" * 2).match("A-z_0~9.+/=!#$%&*" * 2) == "alice"
+    token = "s\u00e9same-0123456789abcdef"
+    d = make_daemon(start=False, settings={"token_file": write_tokens(tmp_path / "tokens", {"alice": token})})
+    done = _run_ccexecd(d)
+    assert done.returncode != 0 and "line 2" in done.stderr and "printable ASCII" in done.stderr, done.stderr
+    assert token not in done.stderr
+
+
 # ------------------------------------------------------------------ 2. origins
 
 
