@@ -106,10 +106,15 @@ def end_stale_processes(stale: list[psutil.Process]) -> None:
 
 
 def _group_leader_matches(pgid: int, started_at: float | None) -> bool:
-    """The group's leader is still the job we recorded, not a reused PID."""
+    """The group is still the job we recorded: its leader is, or it has none
+    left. A job's leader may exit before the rest of its group (`cmd &`);
+    the kernel gives no new process that PID while the group lives on, so a
+    group without a leader can only be the job's."""
     try:
         leader = psutil.Process(pgid)
         return started_at is None or abs(leader.create_time() - started_at) < 5.0
+    except psutil.NoSuchProcess:
+        return True
     except psutil.Error:
         return False
 

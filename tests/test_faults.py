@@ -297,3 +297,73 @@ def test_crash_loop_is_stopped_and_shows_in_status(make_daemon):
     wait_for(executor_stopped, 30, 0.2, "the flapping executor watcher to be stopped")
     status, body, _ = http_get(d.port, "/ready")
     assert status == 503 and json.loads(body)["reason"] == "no executor ready"
+
+
+# What init (or systemd) does for orphans, which the PID 1 of a container may not:
+# reap them. ccexecd runs as its child; whatever is orphaned below it is reaped here.
+REAPER = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+child = os.fork()
+if child == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+exited = None
+def on_term(sig, frame):
+    if exited is None:
+        os.kill(child, sig)
+    else:
+        os._exit(0)
+signal.signal(signal.SIGTERM, on_term)
+while True:
+    try:
+        pid, status = os.wait()
+    except ChildProcessError:
+        signal.pause()
+        continue
+    if pid == child:
+        exited = os.waitstatus_to_exitcode(status)
+        if exited >= 0:
+            os._exit(exited)
+"""
+
+
+def test_group_of_a_job_whose_leader_exited_meanwhile_is_ended_by_the_next_daemon(tmp_path):
+    """Every ccexec process killed with SIGKILL (e.g. `kill -9 -- -PGID`); the
+    job's leader exits before the next start, its background child runs on."""
+    old = Daemon(tmp_path)
+    old.command = lambda: [sys.executable, "-c", REAPER, *Daemon.command(old)]
+
+    def ready() -> bool:  # ccexecd is not old.proc itself here
+        if old.proc.poll() is not None:
+            raise RuntimeError(f"ccexecd exited with {old.proc.returncode}:\n{old.log_tail()}")
+        try:
+            return http_get(old.port, "/ready", timeout=2)[0] == 200
+        except OSError:
+            return False
+    old.ready = ready
+    new = child = None
+    try:
+        old.start()
+        job = asyncio.run(_start_detached(old.url, "sleep 300 & exec sleep 300"))
+        child = wait_for(lambda: _descendants(job["pid"]) or None, 10, what="the job's child")[0]
+        arbiter = psutil.Process(old.proc.pid).children()[0]
+        ours = [arbiter, *(p for p in arbiter.children() if p.pid != job["pid"])]
+        for proc in ours:
+            proc.kill()
+        wait_for(lambda: not any(_alive(p.pid) for p in ours), 10, what="every ccexec process gone")
+        os.kill(job["pid"], signal.SIGTERM)  # the leader ends; its child is left in the group
+        wait_for(lambda: not psutil.pid_exists(job["pid"]), 10, what="the leader exited and reaped")
+        assert _alive(child)
+        new = Daemon(tmp_path)
+        new.port = old.port
+        new.start(timeout=20)
+        wait_for(lambda: not _alive(child), 10, what="the job's child to be ended")
+        record = asyncio.run(_job_status(new.url, job["job_id"]))
+        assert record["state"] == "finished" and record["reason"] == "lost"
+    finally:
+        for daemon in (new, old):
+            if daemon is not None:
+                daemon.stop()
+                daemon.cleanup()
+        if child is not None and _alive(child):  # jobs do not inherit the daemon's mark
+            os.kill(child, signal.SIGKILL)
