@@ -9,6 +9,7 @@ ccexec process finds it through $CCEXEC_CONFIG and reads its settings here.
 from __future__ import annotations
 
 import configparser
+import math
 import os
 import shlex
 import socket
@@ -156,7 +157,11 @@ def apply_overrides(ini: configparser.ConfigParser, *, host=None, port=None,
 
 def _pairs(text: str, key: str) -> dict[str, str]:
     pairs = {}
-    for word in shlex.split(text):
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:  # an unbalanced quote
+        raise ConfigError(f"[ccexec] {key}: {exc}, in {text!r}") from None
+    for word in words:
         name, sep, value = word.partition("=")
         if not sep or not name:
             raise ConfigError(f"[ccexec] {key} entries are NAME=VALUE, got {word!r}")
@@ -206,6 +211,8 @@ def _number(ini, section, key, default, kind=int, low=None, high=None):
         value = kind(raw)
     except ValueError:
         raise ConfigError(f"[{section}] {key} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):  # nan passes every range check below
+        raise ConfigError(f"[{section}] {key} must be a finite number, got {raw!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ConfigError(f"[{section}] {key} must be between {low} and {high}, got {raw}")
     return value

@@ -102,6 +102,12 @@ def _settings_with(section: str, key: str, value: str) -> Settings:
     ("ccexec", "env_set", "PYTHONUNBUFFERED"),
     ("ccexec", "job_nice", "-1"),
     ("ccexec", "job_nice", "20"),
+    ("ccexec", "env_set", "A=\"unclosed"),
+    ("ccexec", "labels", "site='eu"),
+    ("ccexec", "heartbeat_interval", "nan"),
+    ("ccexec", "kill_grace", "nan"),
+    ("ccexec", "stall_timeout", "NaN"),
+    ("ccexec", "max_requests_per_second", "nan"),
 ])
 def test_bad_value_raises_config_error_naming_the_key(section, key, value):
     with pytest.raises(ConfigError) as error:
