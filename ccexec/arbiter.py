@@ -76,14 +76,21 @@ def free_udp_port() -> int:
         return s.getsockname()[1]
 
 
-def resolve(config_file: str | None, **overrides) -> tuple[config.Settings, configparser.ConfigParser]:
-    """The configuration, with every value this run will use filled in."""
+def resolve(config_file: str | None, *, nofile: int | None = None,
+            **overrides) -> tuple[config.Settings, configparser.ConfigParser]:
+    """The configuration, with every value this run will use filled in
+    (`nofile`: the hard open-file limit of the arbiter, when not this process)."""
     ini = config.read_ini(config_file)
     config.apply_overrides(ini, **overrides)
     settings = config.settings_from_ini(ini)
+    check_circus_sections(ini, settings, config_file)
     if settings.remote:  # an executor node: executors only, no port, no broker of its own
         for section in (config.SOCKET_SECTION, "watcher:broker", "watcher:handler"):
             ini.remove_section(section)
+    elif ":" in settings.host and not ini.has_option(config.SOCKET_SECTION, "family"):
+        # Circus makes an AF_INET socket unless told: one on an IPv6 address
+        # (::1, ::) would fail, leaving the daemon without its port.
+        ini.set(config.SOCKET_SECTION, "family", "AF_INET6")
     if settings.watchdog_port == 0:
         ini.set("ccexec", "watchdog_port", str(free_udp_port()))
     ini.set("ccexec", "state_dir", settings.state_dir)
@@ -92,10 +99,21 @@ def resolve(config_file: str | None, **overrides) -> tuple[config.Settings, conf
     for key in ("token_file", "tls_cert", "tls_key", "curve_secret_key", "curve_server_key", "curve_clients"):
         # absolute, whatever the children's cwd
         ini.set("ccexec", key, getattr(settings, key))
-    cap_rlimits(ini)
+    cap_rlimits(ini, nofile_ceiling() if nofile is None else nofile)
     if settings.log_dir:
         log_to_files(ini, settings)
     return config.settings_from_ini(ini), ini
+
+
+def check_circus_sections(ini: configparser.ConfigParser, settings: config.Settings, config_file: str | None) -> None:
+    """A config file is a whole Circus configuration (a copy of etc/ccexec.ini), not [ccexec] alone."""
+    missing = [] if ini.has_section("circus") else ["[circus]"]
+    for watcher in ("executor",) if settings.remote else config.WATCHERS:
+        if not ini.get(f"watcher:{watcher}", "cmd", fallback="").strip():
+            missing.append(f"[watcher:{watcher}] cmd")
+    if missing:
+        raise config.ConfigError(f"config {config_file} has no {', '.join(missing)}: make it from a copy of "
+                                 "the complete default, etc/ccexec.ini")
 
 
 def nofile_ceiling() -> int:
@@ -105,10 +123,9 @@ def nofile_ceiling() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
 
-def cap_rlimits(ini: configparser.ConfigParser) -> None:
+def cap_rlimits(ini: configparser.ConfigParser, ceiling: int) -> None:
     """Circus sets a watcher's rlimit_nofile as soft and hard limit; past what
     the system allows its processes would fail to start, so cap it."""
-    ceiling = nofile_ceiling()
     for section in ini.sections():
         raw = ini.get(section, "rlimit_nofile", fallback="").strip() if section.startswith("watcher:") else ""
         if not raw:
@@ -183,7 +200,14 @@ def reload_config(settings: config.Settings) -> config.Settings:
     with open(settings.launch_record) as f:
         launch = json.load(f)
     os.chdir(launch["cwd"])
-    fresh, ini = resolve(launch["config_file"], **launch["overrides"])
+    try:  # the limit the arbiter's children inherit, not this process's
+        nofile = psutil.Process(launch["pid"]).rlimit(psutil.RLIMIT_NOFILE)[1]
+    except psutil.Error as exc:
+        raise config.ConfigError(f"cannot read the open-file limit of ccexecd (PID {launch['pid']}): {exc}") from None
+    # The running daemon's state directory, whatever this process's
+    # $STATE_DIRECTORY or $XDG_STATE_HOME would make of an empty state_dir.
+    overrides = {**launch["overrides"], "state_dir": settings.state_dir}
+    fresh, ini = resolve(launch["config_file"], nofile=nofile, **overrides)
     check_security(fresh)  # a reload must not open what a start would refuse
     ini.set("ccexec", "watchdog_port", str(settings.watchdog_port))
     config.write_effective(ini, effective_path(fresh))

@@ -121,6 +121,13 @@ def default_state_dir() -> str:
     return os.path.join(base, "ccexec")
 
 
+def local_address(host: str, port: int) -> str:
+    """HOST:PORT to reach from this machine a daemon listening on `host`
+    (an IPv6 address in brackets, as URLs want it)."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def read_ini(path: str | None) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(interpolation=None)
     if path is None:
@@ -318,5 +325,11 @@ def ensure_dirs(settings: Settings) -> None:
     for path in (settings.state_dir, settings.run_dir, settings.jobs_dir, settings.log_dir):
         if not path:
             continue
-        Path(path).mkdir(parents=True, exist_ok=True)
-    os.chmod(settings.run_dir, 0o700)
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot make directory {path}: {exc.strerror}") from None
+    try:
+        os.chmod(settings.run_dir, 0o700)
+    except OSError as exc:
+        raise ConfigError(f"cannot make {settings.run_dir} private: {exc.strerror}") from None

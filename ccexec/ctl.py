@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -66,8 +67,7 @@ class Daemon:
 
     @property
     def address(self) -> str:
-        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::") else self.settings.host
-        return f"{host}:{self.settings.port}"
+        return config.local_address(self.settings.host, self.settings.port)
 
     @property
     def url(self) -> str:
@@ -309,6 +309,20 @@ def health(ctx: click.Context) -> None:
     sys.exit(0 if ok else EXIT_FAILED)
 
 
+def ccexecd_program() -> str:
+    """ccexecd: installed beside this ccexecctl (pip puts both console
+    scripts in one directory, which is not Python's own outside a
+    virtualenv: /usr/local/bin, ~/.local/bin), else beside Python, else on PATH."""
+    for directory in (Path(sys.argv[0]).parent, Path(sys.executable).parent):
+        program = directory / "ccexecd"
+        if program.is_file() and os.access(program, os.X_OK):
+            return str(program)
+    found = shutil.which("ccexecd")
+    if found is None:
+        raise click.ClickException("cannot find the ccexecd program: not beside ccexecctl, nor on PATH")
+    return found
+
+
 @main.command()
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait until it is ready.")
 @click.argument("ccexecd_args", nargs=-1, type=click.UNPROCESSED)
@@ -323,7 +337,7 @@ def start(ctx: click.Context, timeout: float, ccexecd_args: tuple[str, ...]) -> 
     if daemon.running():
         click.echo("ccexecd is already running")
         return
-    command = [str(Path(sys.executable).parent / "ccexecd"), *ctx.obj["daemon_args"], *ccexecd_args]
+    command = [ccexecd_program(), *ctx.obj["daemon_args"], *ccexecd_args]
     os.makedirs(daemon.settings.state_dir, exist_ok=True)
     with open(os.path.join(daemon.settings.state_dir, "ccexecd.out"), "ab") as out:
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

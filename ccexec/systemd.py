@@ -10,13 +10,14 @@ restarted by systemd. Without NOTIFY_SOCKET this does nothing.
 from __future__ import annotations
 
 import os
+import ssl
 import time
 
 import sdnotify
-from tornado.httpclient import AsyncHTTPClient
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.ioloop import PeriodicCallback
 
-from ccexec.config import Settings
+from ccexec.config import Settings, local_address
 
 TICK_MS = 250
 DEFAULT_WATCHDOG_INTERVAL = 5.0  # seconds, when systemd sets no WATCHDOG_USEC
@@ -24,8 +25,9 @@ DEFAULT_WATCHDOG_INTERVAL = 5.0  # seconds, when systemd sets no WATCHDOG_USEC
 
 class SystemdNotify:
     def __init__(self, settings: Settings):
-        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-        self.ready_url = f"http://{host}:{settings.port}/ready"
+        self.tls_cert = settings.tls_cert  # with TLS the port speaks https only
+        self.ready_url = f"{'https' if self.tls_cert else 'http'}://{local_address(settings.host, settings.port)}/ready"
+        self.ssl_options: ssl.SSLContext | None = None
         self.listen = f"{settings.host}:{settings.port}"
         self.executor_node_of = settings.broker if settings.remote else None
         usec = os.environ.get("WATCHDOG_USEC")
@@ -39,6 +41,10 @@ class SystemdNotify:
         """Call from the thread that runs the arbiter's loop, before it starts."""
         if not os.environ.get("NOTIFY_SOCKET"):
             return
+        if self.tls_cert:  # trust the daemon's own certificate; the address is loopback, no name check
+            self.ssl_options = ssl.create_default_context(cafile=self.tls_cert)
+            self.ssl_options.check_hostname = False
+            self.ssl_options.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
         self.notifier = sdnotify.SystemdNotifier()
         PeriodicCallback(self.tick, TICK_MS).start()
 
@@ -57,7 +63,11 @@ class SystemdNotify:
         if not self.ready and not self.checking:
             self.checking = True
             try:
-                reply = await AsyncHTTPClient().fetch(self.ready_url, raise_error=False, request_timeout=2)
+                reply = await AsyncHTTPClient().fetch(self.ready_url, raise_error=False, request_timeout=2,
+                                                      ssl_options=self.ssl_options)
+            except (OSError, HTTPClientError):  # refused, timed out, closed: not ready yet
+                pass
+            else:
                 if reply.code == 200:
                     self.ready = True
                     self.notifier.notify(f"READY=1\nSTATUS=serving on {self.listen}\nMAINPID={os.getpid()}")

@@ -5,18 +5,24 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
+import shutil
 import signal
+import site
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import websockets
 
 from ccexec.client import Client
-from support import Daemon, async_test, marked_processes, ticker, wait_for
+from support import CCEXECD, ROOT, Daemon, async_test, marked_processes, ticker, wait_for
 
 CTL = str(Path(sys.executable).parent / "ccexecctl")
 TICKER, TICKER_OUTPUT = ticker(120, 0.05)
@@ -191,3 +197,84 @@ async def test_graceful_restart_during_streaming_jobs_refuses_nobody_loses_nothi
     assert not set(d.role_pids("handler")) & set(old_handlers) and d.role_pids("broker") != [old_broker]
     print(f"graceful restart: {took:.2f} s, {len(probes)} handshakes during it, 0 failed, "
           f"{sum(c.reconnects for c in (a, b, c))} client resumes")
+
+
+def test_reload_of_a_daemon_whose_state_dir_came_from_systemd(make_daemon, tmp_path):
+    """Under systemd the state directory comes from $STATE_DIRECTORY, which
+    ccexecctl, run from a shell, does not have."""
+    d = make_daemon(start=False)
+    d.env["STATE_DIRECTORY"] = str(d.state_dir)
+    d.command = lambda: [*CCEXECD, "--config", str(d.config), "--port", str(d.port)]  # no --state-dir
+    d.start()
+    d.config.write_text(d.config.read_text().replace("numprocesses = 2\npriority = 10",
+                                                     "numprocesses = 3\npriority = 10"))
+    shell_env = {k: v for k, v in os.environ.items() if k != "STATE_DIRECTORY"}
+    shell_env["XDG_STATE_HOME"] = str(tmp_path / "xdg")
+    reloaded = ctl(d, "reload", env=shell_env)
+    assert reloaded.returncode == 0, reloaded.stderr
+    wait_for(lambda: len(d.role_pids("handler")) == 3, 20, 0.2, "a third handler")
+    assert d.ready()
+
+
+def test_reload_keeps_the_open_file_limit_ccexecd_runs_with(make_daemon):
+    """rlimit_nofile is capped at ccexecd's own hard limit, not at that of
+    the shell ccexecctl reload happens to run in."""
+    ours = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    theirs = 2048
+    if ours != resource.RLIM_INFINITY and ours <= theirs:
+        pytest.skip(f"this process's hard open-file limit ({ours}) is not above {theirs}")
+    d = make_daemon(start=False)
+    limited = [sys.executable, "-c", "import os, resource, sys; "
+               f"resource.setrlimit(resource.RLIMIT_NOFILE, ({theirs}, {theirs})); "
+               "os.execv(sys.argv[1], sys.argv[1:])"]
+    d.command = lambda: [*limited, *Daemon.command(d)]
+    d.start()
+    handlers = d.role_pids("handler")
+    reloaded = ctl(d, "reload")
+    assert reloaded.returncode == 0, reloaded.stderr
+    wait_for(d.ready, 20, 0.2, "the daemon ready after the reload")
+    assert d.role_pids("handler") == handlers  # nothing changed: nothing restarted
+    for pid in d.role_pids("handler"):
+        assert psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE)[1] <= theirs
+
+
+def test_daemon_on_ipv6_loopback_serves_and_ccexecctl_reaches_it(make_daemon):
+    """host = ::1, the loopback address the docs offer besides 127.0.0.1."""
+    d = make_daemon(start=False, sections={"socket:ccexec": {"host": "::1"}})
+
+    def get(path: str, timeout: float = 5) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://[::1]:{d.port}{path}", timeout=timeout) as reply:
+                return reply.status, reply.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+    d.get = get
+    d.start()
+    health = ctl(d, "health")
+    assert health.returncode == 0, health.stderr
+    ran = ctl(d, "run", "--", "echo", "over ipv6")
+    assert ran.returncode == 0 and ran.stdout == "over ipv6\n", ran.stderr
+
+
+def test_start_finds_ccexecd_installed_beside_ccexecctl_not_beside_python(tmp_path):
+    """pip outside a virtualenv puts the scripts in /usr/local/bin or
+    ~/.local/bin while Python is /usr/bin/python3."""
+    python_dir, scripts = tmp_path / "usr-bin", tmp_path / "local-bin"
+    python_dir.mkdir()
+    scripts.mkdir()
+    (python_dir / "python3").symlink_to(os.path.realpath(sys.executable))
+    for name in ("ccexecctl", "ccexecd"):
+        shutil.copy2(Path(sys.executable).parent / name, scripts / name)
+    d = Daemon(tmp_path / "daemon")
+    env = {**d.env, "PYTHONPATH": os.pathsep.join([*site.getsitepackages(), str(ROOT)])}
+    try:
+        started = subprocess.run([str(python_dir / "python3"), str(scripts / "ccexecctl"), "--config", str(d.config),
+                                  "--state-dir", str(d.state_dir), "start", "--", "--port", str(d.port)],
+                                 capture_output=True, text=True, timeout=60, env=env)
+        assert started.returncode == 0, started.stderr
+        assert d.health()["status"] == "healthy"
+        assert ctl(d, "stop").returncode == 0
+        wait_for(lambda: not marked_processes(d.mark), 20, 0.2, "everything to exit")
+    finally:
+        for proc in marked_processes(d.mark):
+            proc.kill()

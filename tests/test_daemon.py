@@ -168,6 +168,31 @@ def test_starts_beside_other_programs_whose_command_line_looks_like_a_plugin(mak
     assert counter.returncode == 0
 
 
+@pytest.mark.parametrize("key", ["state_dir", "log_dir"])
+def test_directory_that_cannot_be_made_is_a_clear_config_error(make_daemon, key):
+    daemon = make_daemon(start=False)
+    blocker = daemon.tmp / "a-file"
+    blocker.write_text("")
+    daemon._write_config({key: str(blocker / "ccexec")}, {})
+    command = daemon.command()
+    if key == "state_dir":  # from the file, not the command line
+        at = command.index("--state-dir")
+        del command[at:at + 2]
+    done = subprocess.run(command, env=daemon.env, cwd=daemon.tmp, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.startswith("ccexecd: "), done.stderr
+    assert str(blocker) in done.stderr, done.stderr
+
+
+def test_config_file_with_only_the_ccexec_section_is_a_clear_config_error(tmp_path):
+    partial = tmp_path / "partial.ini"
+    partial.write_text(f"[ccexec]\nworkdir = {tmp_path}\n")
+    done = subprocess.run([*CCEXECD, "--config", str(partial), "--state-dir", str(tmp_path / "state")],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "[circus]" in done.stderr, done.stderr
+
+
 # ------------------------------------------------------------------ command line
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trustme
 
 from support import ROOT, wait_for
 
@@ -53,5 +55,37 @@ def test_notify_socket_gets_ready_once_serving_then_periodic_watchdog(make_daemo
         assert f"MAINPID={daemon.proc.pid}" in ready and "STATUS=serving" in ready
         assert daemon.stop() == 0
         wait_for(lambda: any("STOPPING=1" in m for _, m in receive()), 10, 0, "STOPPING=1")
+    finally:
+        sock.close()
+
+
+def test_notify_socket_gets_ready_from_a_daemon_serving_tls(make_daemon, tmp_path):
+    """With tls_cert the port speaks https only: readiness is asked over https."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key_path))
+    os.chmod(key_path, 0o600)
+    notify_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(notify_path)
+    sock.settimeout(0.2)
+    daemon = make_daemon(start=False, settings={"tls_cert": str(cert_path), "tls_key": str(key_path)},
+                         env={"NOTIFY_SOCKET": notify_path})
+    daemon.ready = lambda: daemon.proc.poll() is None  # plain http gets no answer: READY=1 is the test
+    messages: list[str] = []
+
+    def receive():
+        try:
+            messages.append(sock.recv(4096).decode())
+        except socket.timeout:
+            pass
+        return messages
+
+    try:
+        daemon.start()
+        wait_for(lambda: any("READY=1" in m for m in receive()), 20, 0, "READY=1")
+        assert f"MAINPID={daemon.proc.pid}" in next(m for m in messages if "READY=1" in m)
     finally:
         sock.close()
