@@ -29,6 +29,7 @@ from pathlib import Path
 
 import click
 import psutil
+from websockets.exceptions import InvalidStatus
 
 from ccexec import config, policy
 from ccexec.client import Client, RPCError
@@ -90,6 +91,8 @@ class Daemon:
                 tokens = policy.read_token_file(self.settings.token_file)
             except policy.PolicyError as exc:
                 raise click.ClickException(str(exc)) from None
+            if not tokens.by_name:
+                raise click.ClickException(f"token_file {self.settings.token_file} holds no token to present")
             kwargs["additional_headers"] = {"Authorization": f"Bearer {next(iter(tokens.by_name.values()))}"}
         if self.settings.tls_cert:
             kwargs["ssl"] = self.tls_context()
@@ -281,6 +284,11 @@ def with_client(daemon: Daemon, work):
     except OSError as exc:
         click.echo(f"ccexecd is not reachable at {daemon.url}: {exc}", err=True)
         sys.exit(EXIT_DOWN)
+    except InvalidStatus as exc:  # 401, 403, or 503 (a per-address limit, a stopping handler)
+        reply = exc.response
+        click.echo(f"ccexecd at {daemon.url} refused the connection: HTTP {reply.status_code} "
+                   f"{reply.body.decode(errors='replace').strip() or reply.reason_phrase}", err=True)
+        sys.exit(EXIT_FAILED)
     except RPCError as exc:
         click.echo(f"error {exc.code}: {exc.message}", err=True)
         sys.exit(EXIT_FAILED)

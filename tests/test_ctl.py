@@ -278,3 +278,13 @@ def test_start_finds_ccexecd_installed_beside_ccexecctl_not_beside_python(tmp_pa
     finally:
         for proc in marked_processes(d.mark):
             proc.kill()
+
+
+@async_test()
+async def test_a_refused_connection_is_reported_with_its_http_status(make_daemon):
+    d = make_daemon(handlers=1, settings={"max_sessions_per_address": 1})
+    async with websockets.connect(d.url, open_timeout=10):  # this address's one session
+        refused = await asyncio.to_thread(ctl, d, "jobs")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "refused the connection: HTTP 503" in refused.stderr
+    assert "too many connections from this address" in refused.stderr
