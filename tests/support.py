@@ -32,7 +32,9 @@ from ccexec.client import Client
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_CLAUDE_DIR = ROOT / "tests" / "fake_claude"
 CCEXECD = [str(Path(sys.executable).parent / "ccexecd")]  # the installed console script
-MARK = "CCEXEC_TEST_DAEMON_MARK"
+# Not CCEXEC_*: the executor keeps its own variables from jobs, and a test's
+# daemon's jobs must carry the mark too, to be found if left behind.
+MARK = "TEST_CCEXEC_DAEMON_MARK"
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
