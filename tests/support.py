@@ -180,10 +180,13 @@ class Daemon:
         return sorted(pids)
 
     def log_tail(self, lines: int = 60) -> str:
+        """The log's last whole lines: a reader may see a line that straddles
+        a page of the file only in part while it is being written."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            text = self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+        return "\n".join(text[:text.rfind("\n") + 1].splitlines()[-lines:])
 
     def stop(self, timeout: float = 40) -> int:
         """SIGTERM the arbiter; returns its exit status."""

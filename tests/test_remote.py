@@ -125,7 +125,8 @@ async def test_kill_9_of_a_node_executor_ends_its_job_lost_and_its_tree(cluster)
         wait_for(lambda: not psutil.pid_exists(job.pid) or psutil.Process(job.pid).status() == psutil.STATUS_ZOMBIE,
                  20, what="the orphaned job's process ended on the node")
         reaped_after = time.monotonic() - killed_at
-        assert "job.orphan_reaped" in node.log_path.read_text(errors="replace")
+        wait_for(lambda: "job.orphan_reaped" in node.log_path.read_text(errors="replace"), 10,
+                 what="the reaping logged (after the kill)")
         wait_for(lambda: len(node_executors(head, "far-node")) == 1, 20, what="the new executor registered")
         again = await (await client.execute("echo back", labels={"site": "far"})).wait(30)
         assert again.stdout == "back\n"
