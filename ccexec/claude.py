@@ -47,7 +47,7 @@ USAGE_KEYS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "c
 
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 _RESET_SUFFIX = re.compile(r"\|\s*(\d{9,13})\s*$")
-_TOKEN_MAXIMUM = re.compile(r"exceeded the (\d+) output token maximum")
+_TOKEN_MAXIMUM = re.compile(r"exceeded the (\d{1,18}) output token maximum")
 _SHELL_PUNCTUATION = set("();<>|&")
 _ENV_OPTIONS_WITH_VALUE = {"-u", "--unset", "-C", "--chdir", "-S", "--split-string"}
 
@@ -399,7 +399,10 @@ def _bool(value: Any) -> bool | None:
 def _num(value: Any) -> int | float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return value if math.isfinite(value) else None
+    try:
+        return value if math.isfinite(value) else None
+    except OverflowError:  # an integer past any float: JSON allows it, nothing reads it as a number
+        return None
 
 
 def _int(value: Any) -> int | None:

@@ -617,6 +617,26 @@ async def test_a_lone_surrogate_escape_in_a_claude_line_becomes_u_fffd_and_the_c
     assert claude_events(wire, job_id, "result")[0]["result"] == "bad \ufffd"
     assert completed["claude"]["session_id"] == "\ufffdx" and completed["error"] == "bad \ufffd"
     assert wire.text(job_id) == recorded.read_text()
+    status = await wire.answer(await wire.request("job.status", {"job_id": job_id}))
+    assert status["result"]["state"] == "finished" and status["result"]["error"] == "bad \ufffd"  # as stored
     _, again = await wire.run(command="echo still here")  # the same connection serves on
     assert wire.text(again["job_id"]) == "still here\n"
+    await wire.close()
+
+
+@async_test(60)
+async def test_a_number_too_large_for_a_float_is_null_and_reading_goes_on(daemon, tmp_path):
+    recorded = tmp_path / "huge-number.jsonl"
+    huge = "1" + "0" * 400
+    recorded.write_text("\n".join([
+        '{"type":"system","subtype":"api_retry","attempt":1,"max_retries":10,"retry_delay_ms":%s,'
+        '"error":"unknown","error_status":null}' % huge,
+        '{"type":"result","subtype":"success","is_error":false,"result":"4","duration_ms":%s,'
+        '"total_cost_usd":%s.5,"num_turns":1}' % (huge, huge)]) + "\n")
+    wire = await Wire.open(daemon.url)
+    _, completed = await wire.run(30, argv=["cat", str(recorded)], claude=True)
+    assert [e["kind"] for e in claude_events(wire, completed["job_id"])] == ["api_retry", "result"]
+    assert claude_events(wire, completed["job_id"], "api_retry")[0]["retry_delay_ms"] is None
+    assert completed["claude"]["result"] == "4" and completed["claude"]["num_turns"] == 1
+    assert completed["claude"]["duration_ms"] is None and completed["claude"]["total_cost_usd"] is None
     await wire.close()
