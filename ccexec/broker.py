@@ -86,6 +86,7 @@ class Job:
     replica: JournalReplica | None = None
     resend_asked: dict[str, int] = field(default_factory=dict)  # stream -> replica size when asked
     resends: int = 0
+    journal_error: str | None = None  # this host could not journal a remote job's output: it was ended
 
 
 class Broker:
@@ -490,6 +491,10 @@ class Broker:
         elif job is not None and peer.remote and not self.replica_complete(peer, job, header):
             return  # no ack: the node sends COMPLETED again after the missing output
         self.to_executor(peer.identity, bus.COMPLETED_ACK, {"job_id": job_id})
+        if job is not None and job.journal_error is not None:
+            sizes = job.replica.sizes if job.replica is not None else dict.fromkeys(protocol.STREAMS, 0)
+            header = {**header, "reason": "journal_failed", "error": job.journal_error,
+                      "stdout_bytes": sizes["stdout"], "stderr_bytes": sizes["stderr"]}
         if job is not None:
             self.finish(job, header)
 
@@ -501,7 +506,13 @@ class Broker:
         stream, offset = bus.header_field(header, "stream", str), bus.header_field(header, "offset", int)
         if stream not in protocol.STREAMS:
             raise ValueError(f"unknown stream {stream!r}")
-        accepted = self.replica_of(job).accept(stream, offset, data)
+        if job.journal_error is not None:
+            return  # dropped: a byte after a lost one would sit at the wrong offset
+        try:
+            accepted = self.replica_of(job).accept(stream, offset, data)
+        except OSError as exc:  # a full or failing disk here: end the job rather than lose output unsaid
+            self.replica_failed(peer, job, exc)
+            return
         if accepted is None:  # a chunk was lost on the way: ask once per gap
             if job.resend_asked.get(stream) != job.replica.sizes[stream]:
                 self.ask_resend(peer, job, stream)
@@ -517,6 +528,16 @@ class Broker:
             job.replica = JournalReplica(self.settings.jobs_dir, job.job_id)
         return job.replica
 
+    def replica_failed(self, peer: Peer, job: Job, exc: OSError) -> None:
+        """This host's journal of a remote job cannot be written: the node
+        ends the job, whose end is then recorded as `journal_failed`."""
+        logs.event(log, "job.journal_failed", logging.ERROR, job_id=job.job_id, node=peer.node, error=exc)
+        job.journal_error = (f"its output could not be written to the journal ({exc}); "
+                             "it was ended and its output kept up to that point")
+        if job.replica is not None:
+            job.replica.close()
+        self.to_executor(peer.identity, bus.CONTROL, {"job_id": job.job_id, "action": "CANCEL", "ref": ""})
+
     def ask_resend(self, peer: Peer, job: Job, stream: str) -> None:
         job.resend_asked[stream] = job.replica.sizes[stream]
         job.resends += 1
@@ -527,7 +548,15 @@ class Broker:
 
     def replica_complete(self, peer: Peer, job: Job, completed: dict) -> bool:
         """Whether this host's journal holds all a remote job wrote; if not, ask for the rest."""
-        short = [s for s in protocol.STREAMS if self.replica_of(job).sizes[s] < (completed.get(f"{s}_bytes") or 0)]
+        if job.journal_error is not None:
+            return True  # ended for it: what is missing cannot be written here
+        try:
+            replica = self.replica_of(job)
+        except OSError as exc:
+            if any(completed.get(f"{s}_bytes") for s in protocol.STREAMS):
+                self.replica_failed(peer, job, exc)
+            return True
+        short = [s for s in protocol.STREAMS if replica.sizes[s] < (completed.get(f"{s}_bytes") or 0)]
         if short and job.resends < MAX_RESENDS:
             for stream in short:
                 self.ask_resend(peer, job, stream)

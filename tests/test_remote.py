@@ -256,3 +256,40 @@ def test_a_remote_listen_port_in_use_is_a_clear_error_at_start(tmp_path):
         done = subprocess.run(daemon.command(), capture_output=True, text=True, timeout=60, env=daemon.env)
     assert done.returncode == 1, done.stderr
     assert f"127.0.0.1:{port} is already in use by PID {os.getpid()}" in done.stderr
+
+
+@async_test(120)
+async def test_a_node_job_whose_output_the_head_cannot_journal_is_ended_and_says_so(tmp_path):
+    keys, clients = cluster_keys(tmp_path)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    head = Daemon(tmp_path / "head", remote_head_settings(endpoint, keys["head"], clients), executors=1)
+    node = ExecutorNode(tmp_path / "node", endpoint, keys["far"], keys["head"][0], "far-node", labels="site=far")
+    jobs, moved = head.state_dir / "jobs", head.state_dir / "jobs.moved"
+    try:
+        head.start()
+        node.start()
+        wait_for(lambda: node_executors(head, "far-node"), 20, what="the node registered")
+        [broker] = head.role_pids("broker")
+        async with Client(head.url) as client:
+            before = await (await client.execute("echo before", labels={"site": "far"})).wait(30)
+            assert before.stdout == "before\n"
+            jobs.rename(moved)
+            jobs.write_text("")  # not a directory: no journal can be made, as on a full disk
+            try:
+                result = await (await client.execute("echo lost; sleep 30", labels={"site": "far"})).wait(30)
+            finally:
+                jobs.unlink()
+                moved.rename(jobs)
+            assert result.reason == "journal_failed" and result.status == "failed", result.completed
+            assert result.stdout == "" and "journal" in result.completed["error"]
+            assert head.role_pids("broker") == [broker]  # the head's broker was not taken down by it
+            again = await client.execute("echo kept", labels={"site": "far"})
+            assert (await again.wait(30)).stdout == "kept\n"
+    finally:
+        for daemon in (node, head):
+            status = daemon.stop()
+            left = daemon.leftovers()
+            daemon.cleanup()
+            assert status == 0, daemon.log_tail()
+            assert not left, f"left running: {left}"
+        assert "Traceback (most recent call last)" not in head.log_path.read_text(errors="replace")
