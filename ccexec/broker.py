@@ -414,10 +414,34 @@ class Broker:
                 self.to_subscribers(job, bus.CLAUDE_EVENT, header)
         elif kind == bus.COMPLETED:
             self.on_completed(peer, header)
+        elif kind == bus.STOPPING:
+            self.executor_stopping(peer)
+        elif kind == bus.DECLINED:
+            self.declined(peer, bus.header_field(header, "job_id", str))
         elif kind == bus.CONTROL_RESULT:
             handler = self.pending_controls.pop(str(header.get("ref", "")), None)
             if handler is not None:
                 self.to_handler(handler, bus.CONTROL_RESULT, header)
+
+    def executor_stopping(self, peer: Peer) -> None:
+        """An executor that stops takes no more jobs (it ends and reports its
+        running ones); told so, it knows no DISPATCH follows."""
+        logs.event(log, "executor.stopping", executor=peer.identity.decode(errors="replace"), jobs=len(peer.jobs))
+        peer.capacity = 0
+        self.to_executor(peer.identity, bus.STOPPING, {})
+        self.pool_changed()
+
+    def declined(self, peer: Peer, job_id: str) -> None:
+        """A job dispatched to an executor that was stopping: first in the queue again."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state != "dispatched" or job.executor != peer.identity:
+            return
+        peer.jobs.discard(job_id)
+        peer.capacity = 0  # it stops (told a broker before this one, it may not have said so to us)
+        job.state, job.executor, job.remote = "queued", None, False
+        self.queue.appendleft(job_id)
+        self.positions_dirty = True
+        self.dispatch()
 
     def speaks_for(self, peer: Peer, job: Job) -> bool:
         """An executor node tells only of the jobs it was given: its key

@@ -43,6 +43,9 @@ STARTED = b"STARTED"      # {job_id, pid, pgid, started_at}
 OUTPUT = b"OUTPUT"        # {job_id, stream, offset} + raw bytes frame
 COMPLETED = b"COMPLETED"  # {job_id, exit_code, reason, error, ..., claude?}
 CLAUDE_EVENT = b"CLAUDE_EVENT"  # {job_id, stdout_end, method, params}: due once stdout to stdout_end is sent
+DECLINED = b"DECLINED"    # {job_id}: a DISPATCH that came while the executor stops; it goes back to the queue
+# --- executor -> broker, and the broker's answer
+STOPPING = b"STOPPING"    # {}: dispatch no more; answered with STOPPING, after which no DISPATCH follows
 # --- both directions, both faces
 READY = b"READY"          # register: {role, pid, capacity, jobs, completed, node, labels} or {role, pid, jobs, connections}
 HEARTBEAT = b"HEARTBEAT"  # executor {running}, handler {connections}, broker -> handler: pool stats

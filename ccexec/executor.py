@@ -110,6 +110,46 @@ def output_pipe() -> tuple[int, int]:
     return read_end, write_end
 
 
+def pipe_writers(inodes: set[int]) -> list[int]:
+    """Blocking (/proc walk): every process holding the write end of one of these pipes."""
+    links = {f"pipe:[{inode}]" for inode in inodes}
+    holders = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:  # gone, or not ours to look at
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{entry}/fd/{fd}") in links and _opened_for_writing(f"/proc/{entry}/fdinfo/{fd}"):
+                    holders.append(int(entry))
+                    break
+            except OSError:
+                continue
+    return holders
+
+
+def _opened_for_writing(fdinfo: str) -> bool:
+    with open(fdinfo) as f:
+        for line in f:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8) & os.O_ACCMODE == os.O_WRONLY
+    return False
+
+
+def kill_pipe_holders(inodes: set[int]) -> int:
+    """Blocking: SIGKILL whoever can still write to a job's output pipes; how many were found."""
+    holders = pipe_writers(inodes)
+    for pid in holders:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return len(holders)
+
+
 async def pipe_reader(read_end: int) -> asyncio.StreamReader:
     reader = asyncio.StreamReader()
     await asyncio.get_running_loop().connect_read_pipe(
@@ -204,6 +244,7 @@ class Executor:
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="journal")
         self.broker_seen = time.monotonic()
         self.stopping = asyncio.Event()
+        self.stop_heard = asyncio.Event()  # the broker knows we stop: it dispatches no more
         self.daemon_env = daemon_environment()  # read once: the process's environment does not change
         self.plain_env = job_environment(settings, self.daemon_env, {})  # a job's that sets no env of its own
         self.job_priority = JobPriority.below_own(settings.job_nice) if settings.job_nice else None
@@ -237,8 +278,13 @@ class Executor:
             except ValueError as exc:
                 logs.event(log, "executor.bad_message", logging.WARNING, error=exc)
                 continue
-            if kind == bus.DISPATCH:
-                self.spawn_task(self.run_job(header["job_id"], header["spec"]))
+            if kind == bus.DISPATCH and self.stopping.is_set():
+                await self.send(bus.DECLINED, {"job_id": header["job_id"]})  # sent before the broker heard
+            elif kind == bus.DISPATCH:
+                # Known at once: a CONTROL right behind the DISPATCH finds it.
+                self.spawn_task(self.run_job(self.accept(header["job_id"], header["spec"])))
+            elif kind == bus.STOPPING:
+                self.stop_heard.set()
             elif kind == bus.CONTROL:
                 await self.control(header)
             elif kind == bus.COMPLETED_ACK:
@@ -307,11 +353,15 @@ class Executor:
     async def in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
 
-    async def run_job(self, job_id: str, spec: dict) -> None:
+    def accept(self, job_id: str, spec: dict) -> RunningJob:
         job = RunningJob(job_id, spec, claude_reader=claude.ClaudeReader() if claude.is_claude_job(spec) else None)
         self.jobs[job_id] = job
+        return job
+
+    async def run_job(self, job: RunningJob) -> None:
+        job_id = job.job_id
         journal = JournalWriter(self.settings.jobs_dir, job_id)
-        exit_code, reason, error = await self.execute(job, journal, self.resolve_cwd(spec))
+        exit_code, reason, error = await self.execute(job, journal, self.resolve_cwd(job.spec))
         # Every byte is written: the job's end need not wait for its files to
         # close (a worker-thread round trip is ~0.1 ms of a short job's CPU).
         self.io.submit(journal.close).add_done_callback(functools.partial(journal_closed, job_id))
@@ -336,34 +386,47 @@ class Executor:
         stall_timeout = job.spec.get("stall_timeout")
         stall_timeout = self.settings.stall_timeout if stall_timeout is None else stall_timeout
         stdin_text = job.spec.get("stdin")
+        if job.ended_by is not None:  # canceled before it was started
+            return -signal.SIGTERM, job.ended_by, job.ended_error
         pipes = {stream: output_pipe() for stream in STREAMS}
+        # stdin is a pipe of our own, like stdout and stderr: one asyncio made
+        # would hold proc.wait() until it closes, i.e. past the leader's exit
+        # for as long as a process the job left holds it and reads nothing.
+        stdin_pipe = os.pipe2(os.O_CLOEXEC) if stdin_text is not None else None
         try:
             job.proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=cwd, env=self.environment(job.spec.get("env")),
-                stdin=asyncio.subprocess.PIPE if stdin_text is not None else asyncio.subprocess.DEVNULL,
+                stdin=stdin_pipe[0] if stdin_pipe is not None else asyncio.subprocess.DEVNULL,
                 stdout=pipes["stdout"][1], stderr=pipes["stderr"][1], start_new_session=True)
         except OSError as exc:
             for read_end, _ in pipes.values():
                 os.close(read_end)
+            if stdin_pipe is not None:
+                os.close(stdin_pipe[1])
             return self.spawn_failure(exc, argv[0], cwd)
         finally:
             for _, write_end in pipes.values():  # the job holds them now
                 os.close(write_end)
+            if stdin_pipe is not None:
+                os.close(stdin_pipe[0])
         job.pid, job.started_at = job.proc.pid, time.time()
+        if job.ended_by is not None:  # canceled while it was being started
+            self.spawn_task(self.end_job(job, job.ended_by, job.ended_error))
         if self.job_priority is not None:
             self.job_priority.apply(job.pid)
+        pipe_inodes = {os.fstat(read_end).st_ino for read_end, _ in pipes.values()}
         readers = {stream: await pipe_reader(read_end) for stream, (read_end, _) in pipes.items()}
         if self.settings.remote:
             await self.in_thread(leftovers.record_owner, self.settings.jobs_dir, job.job_id, job.pid)
         await self.send(bus.STARTED, {"job_id": job.job_id, "pid": job.pid, "pgid": job.pid,
                                       "started_at": job.started_at})
         pumps = [asyncio.ensure_future(self.pump(job, journal, stream, reader)) for stream, reader in readers.items()]
-        feeder = asyncio.ensure_future(self.feed_stdin(job.proc, stdin_text)) if stdin_text is not None else None
+        feeder = asyncio.ensure_future(self.feed_stdin(stdin_pipe[1], stdin_text)) if stdin_pipe is not None else None
         monitor = asyncio.ensure_future(self.watch_stall(job, stall_timeout)) if stall_timeout else None
         await self.wait_leader(job)
         if monitor is not None:
             monitor.cancel()
-        await self.drain(job, pumps)
+        await self.drain(job, pumps, pipe_inodes)
         if feeder is not None:
             feeder.cancel()
         return self.outcome(job)
@@ -410,14 +473,21 @@ class Executor:
         except Exception as exc:  # a broken monitor must not take the job down
             logs.event(log, "executor.stall_watch_failed", logging.WARNING, job_id=job.job_id, error=exc)
 
-    async def drain(self, job: RunningJob, pumps: list[asyncio.Future]) -> None:
+    async def drain(self, job: RunningJob, pumps: list[asyncio.Future], pipe_inodes: set[int]) -> None:
         """Read the pipes to their end; what the leader left running is ended."""
         _, pending = await asyncio.wait(pumps, timeout=EXIT_DRAIN)
         # The leader is gone (and reaped), so its group is all that is left to
         # end: a background process may still run in it, holding the pipes.
         kill_group(job.pid, signal.SIGKILL)
         if pending:
-            await asyncio.wait(pending)
+            _, pending = await asyncio.wait(pending, timeout=EXIT_DRAIN)
+        # A process that left the group (setsid, a double fork: no longer
+        # the leader's descendant either) and still holds the job's output
+        # is the job's too: it would hold the job open, past any timeout.
+        while pending:
+            if killed := await self.in_thread(kill_pipe_holders, pipe_inodes):
+                logs.event(log, "job.pipe_holders_killed", logging.WARNING, job_id=job.job_id, processes=killed)
+            _, pending = await asyncio.wait(pending, timeout=EXIT_DRAIN)
 
     def outcome(self, job: RunningJob) -> tuple[int, str, str | None]:
         code = job.proc.returncode
@@ -473,8 +543,9 @@ class Executor:
         """Read a Claude job's stdout (None: its end) and send what it tells, after the output."""
         reader = job.claude_reader
         try:
-            if data is None:
-                notices = reader.finish()
+            if data is None:  # the last line may be as long as any other (up to 16 MiB)
+                notices = await self.in_thread(reader.finish) if reader.buffered >= CLAUDE_OFFLOAD_BYTES \
+                    else reader.finish()
             elif reader.buffered + len(data) >= CLAUDE_OFFLOAD_BYTES:  # a long line: parse it in a thread
                 notices = await self.in_thread(reader.feed, data)
             else:
@@ -490,13 +561,22 @@ class Executor:
                                                "method": notice.method, "params": notice.params})
 
     @staticmethod
-    async def feed_stdin(proc: asyncio.subprocess.Process, text: str) -> None:
+    async def feed_stdin(write_end: int, text: str) -> None:
+        """Write text to the job's stdin and close it; canceled (the job is
+        over), what was not written is dropped and the pipe closed."""
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
+                                                            os.fdopen(write_end, "wb", buffering=0))
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
         try:
-            proc.stdin.write(text.encode())
-            await proc.stdin.drain()
-            proc.stdin.close()
+            writer.write(text.encode())
+            await writer.drain()
+            writer.close()
         except (BrokenPipeError, ConnectionResetError):
             pass
+        finally:
+            if not transport.is_closing():
+                transport.abort()
 
     def end_soon(self, job: RunningJob, reason: str, error: str) -> None:
         """End the job for `reason` unless something already ends it; the
@@ -521,6 +601,11 @@ class Executor:
         job = self.jobs.get(header.get("job_id"))
         action = header.get("action")
         reply = {"job_id": header.get("job_id"), "action": action, "ref": header.get("ref", "")}
+        if job is not None and job.pid is None and action == "CANCEL" and job.ended_by is None:
+            # Dispatched, not started yet: it never starts, or is ended as soon as it has.
+            job.ended_by, job.ended_error = "canceled", "canceled on request"
+            await self.send(bus.CONTROL_RESULT, {**reply, "ok": True, "status": "canceled", "pid": None, "pgid": None})
+            return
         if job is None or job.pid is None or job.proc.returncode is not None:
             await self.send(bus.CONTROL_RESULT, {**reply, "ok": False, "code": -32002,
                                                  "error": f"job {reply['job_id']} is not running"})
@@ -558,11 +643,20 @@ class Executor:
     async def shutdown(self) -> None:
         """Stop: end every running job's tree and report it."""
         logs.event(log, "executor.stopping", pid=os.getpid(), jobs=len(self.jobs))
+        await self.send(bus.STOPPING, {})  # so that the slots its jobs free take no new ones
         for job in list(self.jobs.values()):
-            if job.pid is not None and job.proc.returncode is None:
+            if job.pid is None and job.ended_by is None:  # being started: ended once it is
+                job.ended_by, job.ended_error = "canceled", "the daemon is stopping"
+            elif job.pid is not None and job.proc.returncode is None:
                 self.spawn_task(self.end_job(job, "canceled", "the daemon is stopping"))
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=self.settings.kill_grace + EXIT_DRAIN + 2)
+        # A DISPATCH already on its way when the broker heard is declined
+        # (by the receive loop, still running) only if it arrives before the socket closes.
+        try:
+            await asyncio.wait_for(self.stop_heard.wait(), bus.HEARTBEAT_INTERVAL)
+        except asyncio.TimeoutError:
+            pass
         self.sock.close(linger=500)
 
 

@@ -23,6 +23,7 @@ import websockets
 from ccexec import ctl
 from ccexec.client import Client, RPCError
 from support import Daemon, async_test, http_get, marked_processes, ticker, wait_for
+from wire import Wire
 
 TICKER, TICKER_OUTPUT = ticker(150, 0.02)
 
@@ -111,6 +112,52 @@ async def test_killed_executor_jobs_end_lost_and_leave_no_orphans(make_daemon):
         again = await client.execute("echo still serving")
         assert (await again.wait(20)).stdout == "still serving\n"
     print(f"executor kill -9: job ended lost {ended_after:.2f} s after the kill")
+
+
+@async_test(90)
+async def test_stopping_executor_takes_no_new_job_and_the_queue_waits_for_the_next(make_daemon):
+    """SIGTERM to an executor (`restart --watcher executor`): its running job
+    ends canceled; a job queued behind it is not handed to the stopping
+    executor, but runs on the one started in its place."""
+    d = make_daemon(executors=1, settings={"slots_per_executor": 1})
+    async with Client(d.url) as client:
+        running = await client.execute("sleep 30", parallel=True)
+        queued = await client.execute("echo next", parallel=True)
+        assert running.pid is not None and queued.pid is None
+        [executor] = d.role_pids("executor")
+        os.kill(executor, signal.SIGTERM)
+        first, second = await running.wait(30), await queued.wait(30)
+    assert first.reason == "canceled"
+    assert (second.reason, second.stdout) == ("exit", "next\n"), second.completed
+
+
+@async_test(60)
+async def test_cancel_that_reaches_the_executor_with_the_dispatch_still_cancels(make_daemon):
+    """A queued job canceled just as a slot frees for it: the broker passes
+    the CANCEL on right behind the DISPATCH, and the job still ends canceled
+    (frozen broker: both wait in its queue, then go out back to back)."""
+    d = make_daemon(executors=1, settings={"slots_per_executor": 1})
+    [broker], [executor] = d.role_pids("broker"), d.role_pids("executor")
+    wire = await Wire.open(d.url)
+    first = await wire.execute(command="echo started; exec sleep 30", parallel=True)
+    second = await wire.execute(command="exec sleep 30", parallel=True)
+    assert second["status"] == "queued"
+    journal = str(d.state_dir / "jobs" / first["job_id"] / "stdout")
+    await asyncio.to_thread(wait_for, lambda: journal in [f.path for f in psutil.Process(executor).open_files()],
+                            5, 0.01, "the first job's journal")
+    os.kill(broker, signal.SIGSTOP)
+    try:
+        os.kill(first["pid"], signal.SIGTERM)  # its end is told to the frozen broker: a slot frees there
+        await asyncio.to_thread(wait_for, lambda: journal not in [f.path for f in psutil.Process(executor).open_files()],
+                                5, 0.01, "the executor to be done with the first job")
+        cancel = await wire.request("control", {"type": "CANCEL", "job_id": second["job_id"]})
+        await wire.answer(await wire.request("ping"))  # the handler has passed the CANCEL on
+    finally:
+        os.kill(broker, signal.SIGCONT)
+    answer = await wire.answer(cancel)
+    assert answer.get("result", {}).get("status") == "canceled", answer
+    assert (await wire.completed(second["job_id"], 20))["reason"] == "canceled"
+    await wire.close()
 
 
 def test_killed_arbiter_new_daemon_takes_over_port_and_orphans(tmp_path):

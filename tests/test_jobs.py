@@ -15,7 +15,7 @@ import pytest
 from ccexec.client import Client, run as run_sync
 from ccexec.executor import Executor
 from ccexec.protocol import MAX_ARG_BYTES
-from support import async_test, wait_for
+from support import MARK, async_test, wait_for
 from wire import Wire
 
 PY = sys.executable
@@ -319,6 +319,34 @@ async def test_cancel_of_a_paused_job_still_ends_it(daemon):
     completed = await wire.completed(result["job_id"], 15)
     assert completed["reason"] == "canceled"
     assert not _alive([result["pid"]])
+    await wire.close()
+
+
+@async_test(60)
+async def test_a_process_that_left_the_session_cannot_hold_the_job_open(daemon):
+    """A job's own double-forked, setsid'd process keeps the job's stdout open
+    after the leader exited: it is part of the job and ends with it."""
+    wire = await Wire.open(daemon.url)
+    result = await wire.execute(command="(setsid sleep 60 &); echo started", timeout=2)
+    completed = await wire.completed(result["job_id"], 20)
+    assert completed["reason"] in ("exit", "timeout")
+    assert wire.text(result["job_id"]) == "started\n"
+    escaped = [p for p in psutil.process_iter(["cmdline", "environ"])
+               if p.info["cmdline"] == ["sleep", "60"] and (p.info["environ"] or {}).get(MARK) == daemon.mark]
+    assert not escaped
+    await wire.close()
+
+
+@async_test(60)
+async def test_job_ends_with_its_leader_while_a_child_holds_its_unread_stdin(daemon):
+    """The leader's exit ends the job (its group is killed) even when stdin
+    is not all written yet because a child holds the pipe and reads nothing."""
+    wire = await Wire.open(daemon.url)
+    code = "import os, time\nif os.fork() == 0:\n    time.sleep(60)\nprint('leader done')"
+    result = await wire.execute(argv=[PY, "-c", code], stdin="x" * (4 << 20))
+    completed = await wire.completed(result["job_id"], 20)
+    assert (completed["reason"], completed["exit_code"]) == ("exit", 0)
+    assert completed["execution_time"] < 10 and wire.text(result["job_id"]) == "leader done\n"
     await wire.close()
 
 
