@@ -417,7 +417,10 @@ class Executor:
         pipe_inodes = {os.fstat(read_end).st_ino for read_end, _ in pipes.values()}
         readers = {stream: await pipe_reader(read_end) for stream, (read_end, _) in pipes.items()}
         if self.settings.remote:
-            await self.in_thread(leftovers.record_owner, self.settings.jobs_dir, job.job_id, job.pid)
+            try:
+                await self.in_thread(leftovers.record_owner, self.settings.jobs_dir, job.job_id, job.pid)
+            except OSError as exc:  # the journal's directory: its output could not be kept either
+                self.journal_failed(job, exc, file=leftovers.OWNER_FILE)
         await self.send(bus.STARTED, {"job_id": job.job_id, "pid": job.pid, "pgid": job.pid,
                                       "started_at": job.started_at})
         pumps = [asyncio.ensure_future(self.pump(job, journal, stream, reader)) for stream, reader in readers.items()]
@@ -527,17 +530,22 @@ class Executor:
             job.output_bytes += len(data)
             try:
                 offset = await self.in_thread(journal.append, stream, data)
-            except OSError as exc:  # a full or failing disk: end the job rather than lose output unsaid
-                job.journal_failed = True
-                logs.event(log, "job.journal_failed", logging.ERROR, job_id=job.job_id, stream=stream, error=exc)
-                self.end_soon(job, "journal_failed", f"its output could not be written to the journal ({exc}); "
-                              "it was ended and its output kept up to that point")
+            except OSError as exc:
+                self.journal_failed(job, exc, stream=stream)
                 continue
             await self.send_output({"job_id": job.job_id, "stream": stream, "offset": offset}, data)
             if stream == "stdout" and job.claude_reader is not None:
                 await self.claude_events(job, data)
             if quick_reads >= 2:
                 await asyncio.sleep(GATHER_DELAY)
+
+    def journal_failed(self, job: RunningJob, exc: OSError, **where: str) -> None:
+        """A full or failing disk: end the job rather than lose output unsaid;
+        what it writes from now on is read and dropped."""
+        job.journal_failed = True
+        logs.event(log, "job.journal_failed", logging.ERROR, job_id=job.job_id, **where, error=exc)
+        self.end_soon(job, "journal_failed", f"its output could not be written to the journal ({exc}); "
+                      "it was ended and its output kept up to that point")
 
     async def claude_events(self, job: RunningJob, data: bytes | None) -> None:
         """Read a Claude job's stdout (None: its end) and send what it tells, after the output."""

@@ -258,13 +258,17 @@ def test_a_remote_listen_port_in_use_is_a_clear_error_at_start(tmp_path):
     assert f"127.0.0.1:{port} is already in use by PID {os.getpid()}" in done.stderr
 
 
+@pytest.mark.parametrize("host", ["head", "node"])
 @async_test(120)
-async def test_a_node_job_whose_output_the_head_cannot_journal_is_ended_and_says_so(tmp_path):
+async def test_a_node_job_whose_output_cannot_be_journaled_is_ended_and_says_so(tmp_path, host):
+    """The head's copy of the journal, or the node's own (where the job's
+    owner is recorded too), on a full or broken disk."""
     keys, clients = cluster_keys(tmp_path)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     head = Daemon(tmp_path / "head", remote_head_settings(endpoint, keys["head"], clients), executors=1)
     node = ExecutorNode(tmp_path / "node", endpoint, keys["far"], keys["head"][0], "far-node", labels="site=far")
-    jobs, moved = head.state_dir / "jobs", head.state_dir / "jobs.moved"
+    broken = head if host == "head" else node
+    jobs, moved = broken.state_dir / "jobs", broken.state_dir / "jobs.moved"
     try:
         head.start()
         node.start()
@@ -292,4 +296,5 @@ async def test_a_node_job_whose_output_the_head_cannot_journal_is_ended_and_says
             daemon.cleanup()
             assert status == 0, daemon.log_tail()
             assert not left, f"left running: {left}"
-        assert "Traceback (most recent call last)" not in head.log_path.read_text(errors="replace")
+        for daemon in (node, head):
+            assert "Traceback (most recent call last)" not in daemon.log_path.read_text(errors="replace")
