@@ -19,6 +19,7 @@ class WatchdogPulse:
     def __init__(self, port: int, host: str = "127.0.0.1"):
         self.address = (host, port)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))  # else the first send binds it to every address
         self.sock.setblocking(False)
         self.next_due = 0.0
 

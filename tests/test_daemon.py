@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ccexec import policy
 from ccexec.client import Client
 from support import CCEXECD, MARK, async_test, http_get, marked_processes, run, wait_for
 
@@ -123,6 +124,17 @@ def test_process_tree_has_one_broker_and_the_configured_executors_and_handlers(m
         for pid in role_pids:
             shown = ps_args(pid)
             assert "ccexec" in shown and role in shown.split(), f"ps shows {shown!r} for a {role}"
+
+
+def test_every_socket_of_the_daemon_is_on_loopback(make_daemon):
+    """Servers bind loopback only: no process of the tree listens, or can be
+    sent datagrams, on another address (TCP or UDP; the watchdog's beats too)."""
+    daemon = make_daemon()
+    tree = [psutil.Process(daemon.proc.pid), *daemon.processes()]
+    bound = {(p.pid, c.type.name, c.laddr.ip, c.laddr.port) for p in tree for c in p.net_connections("inet")
+             if c.laddr and (c.type == socket.SOCK_DGRAM or c.status == psutil.CONN_LISTEN)}
+    assert any(kind == "SOCK_DGRAM" for _, kind, _, _ in bound) and any(port == daemon.port for *_, port in bound)
+    assert sorted(b for b in bound if not policy.is_loopback(b[2])) == []
 
 
 # ------------------------------------------------------------------ the port
