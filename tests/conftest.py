@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from support import Daemon
+from support import Daemon, finish
 
 
 def _daemon(tmp_path_factory, name: str, **kwargs) -> Daemon:
     return Daemon(tmp_path_factory.mktemp(name), **kwargs)
-
-
-def _finish(daemon: Daemon) -> None:
-    try:
-        status = daemon.stop()
-        leftovers = daemon.leftovers()
-        assert status == 0, f"ccexecd exited with {status}:\n{daemon.log_tail()}"
-        assert not leftovers, f"processes left behind: {[(p.pid, p.name()) for p in leftovers]}"
-        log = daemon.log_path.read_text(errors="replace") if daemon.log_path.exists() else ""
-        assert "Traceback (most recent call last)" not in log, f"an exception escaped in the daemon:\n{log[-5000:]}"
-    finally:
-        daemon.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +16,7 @@ def daemon(tmp_path_factory):
     """One daemon shared by a module's tests (never restarted between them)."""
     d = _daemon(tmp_path_factory, "ccexecd").start()
     yield d
-    _finish(d)
+    finish(d)
 
 
 @pytest.fixture
@@ -42,5 +30,4 @@ def make_daemon(tmp_path_factory):
         return d.start() if start else d
 
     yield make
-    for d in started:
-        _finish(d)
+    finish(*started)

@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 
 import psutil
+import trustme
 
 from ccexec.client import Client
 
@@ -220,6 +221,38 @@ class Daemon:
                 pass
         if getattr(self, "log", None):
             self.log.close()
+
+
+def self_signed_cert(directory: Path) -> tuple[trustme.CA, Path, Path]:
+    """A CA and the certificate and key (mode 600) it issued for loopback."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key_path))
+    os.chmod(key_path, 0o600)
+    return ca, cert_path, key_path
+
+
+def finish(*daemons: Daemon) -> None:
+    """Stop each daemon, then check that it exited 0, left nothing running
+    and let no exception escape into its log; every one is stopped and
+    cleaned up whatever the others did."""
+    problems = []
+    for daemon in daemons:
+        try:
+            status = daemon.stop()
+            left = daemon.leftovers()
+            if status != 0:
+                problems.append(f"{daemon.tmp.name}: ccexecd exited with {status}:\n{daemon.log_tail()}")
+            if left:
+                problems.append(f"{daemon.tmp.name}: processes left behind: {[(p.pid, p.name()) for p in left]}")
+            log = daemon.log_path.read_text(errors="replace") if daemon.log_path.exists() else ""
+            if "Traceback (most recent call last)" in log:
+                problems.append(f"{daemon.tmp.name}: an exception escaped in the daemon:\n{log[-5000:]}")
+        finally:
+            daemon.cleanup()
+    assert not problems, "\n".join(problems)
 
 
 def run(coro, timeout: float = 120):

@@ -22,7 +22,7 @@ import pytest
 import websockets
 
 from ccexec.client import Client
-from support import CCEXECD, ROOT, Daemon, async_test, marked_processes, ticker, wait_for
+from support import CCEXECD, ROOT, Daemon, async_test, finish, marked_processes, ticker, wait_for
 
 CTL = str(Path(sys.executable).parent / "ccexecctl")
 TICKER, TICKER_OUTPUT = ticker(120, 0.05)
@@ -36,11 +36,10 @@ def ctl(daemon: Daemon, *args: str, timeout: float = 90, **kwargs) -> subprocess
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     """A daemon that also keeps log files."""
-    from conftest import _finish
     tmp = tmp_path_factory.mktemp("logged")
     d = Daemon(tmp, settings={"log_dir": str(tmp / "logs")}).start()
     yield d
-    _finish(d)
+    finish(d)
 
 
 def test_health_and_status_in_both_formats(logged):

@@ -15,7 +15,7 @@ import uuid
 import psutil
 import pytest
 
-from support import (Daemon, ExecutorNode, async_test, cluster_keys, free_port, line_printer, node_executors,
+from support import (Daemon, ExecutorNode, async_test, cluster_keys, finish, free_port, line_printer, node_executors,
                      remote_head_settings, wait_for)
 
 
@@ -138,8 +138,4 @@ async def test_a_node_across_a_veth_link_runs_jobs_is_authenticated_and_survives
         print(f"\nlink cut: job lost on the head after {lost_after:.1f} s, ended on the node after "
               f"{ended_after:.1f} s; link restored: node registered again after {back_after:.1f} s")
     finally:
-        for daemon in (rogue, node, head):
-            status = daemon.stop()
-            left = daemon.leftovers()
-            daemon.cleanup()
-            assert status == 0 and not left, f"status {status}, left {left}:\n{daemon.log_tail()}"
+        finish(rogue, node, head)

@@ -20,7 +20,7 @@ import zmq
 from ccexec import bus, remote
 from ccexec.client import Client
 from ccexec.config import Settings
-from support import (Daemon, ExecutorNode, async_test, cluster_keys, free_port, line_printer, node_executors,
+from support import (Daemon, ExecutorNode, async_test, cluster_keys, finish, free_port, line_printer, node_executors,
                      remote_head_settings, wait_for)
 
 PRINT_LINES, EXPECTED = line_printer(60_000)  # 2.2 MB of output: many network chunks
@@ -41,12 +41,7 @@ def cluster(tmp_path_factory):
         wait_for(lambda: node_executors(head, "far-node"), 20, what="the node registered")
         yield head, node, keys, endpoint
     finally:
-        for daemon in (node, head):
-            status = daemon.stop()
-            left = daemon.leftovers()
-            daemon.cleanup()
-            assert status == 0, daemon.log_tail()
-            assert not left, f"left running: {left}"
+        finish(node, head)
 
 
 @async_test(90)
@@ -290,11 +285,4 @@ async def test_a_node_job_whose_output_cannot_be_journaled_is_ended_and_says_so(
             again = await client.execute("echo kept", labels={"site": "far"})
             assert (await again.wait(30)).stdout == "kept\n"
     finally:
-        for daemon in (node, head):
-            status = daemon.stop()
-            left = daemon.leftovers()
-            daemon.cleanup()
-            assert status == 0, daemon.log_tail()
-            assert not left, f"left running: {left}"
-        for daemon in (node, head):
-            assert "Traceback (most recent call last)" not in daemon.log_path.read_text(errors="replace")
+        finish(node, head)

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-import trustme
 import websockets
 
 from ccexec import policy
-from support import async_test, http_get, wait_for
+from support import async_test, http_get, self_signed_cert, wait_for
 from wire import Wire
 
 TOKENS = {"alice": "alice-0123456789abcdef-secret", "bob": "bob-fedcba9876543210-secret"}
@@ -209,12 +208,7 @@ def _tls_get(port: int, path: str, context: ssl.SSLContext) -> tuple[int, bytes]
 
 @async_test(90)
 async def test_tls_serves_wss_and_https_with_a_self_signed_certificate(make_daemon, tmp_path):
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    cert.private_key_pem.write_to_path(str(key_path))
-    os.chmod(key_path, 0o600)
+    ca, cert_path, key_path = self_signed_cert(tmp_path)
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import pytest
 import websockets
 
-from support import run, wait_for
+from support import finish, run, wait_for
 
 CLAUDE_FLAGS = "--output-format stream-json --verbose --dangerously-skip-permissions --allowedTools none"
 RECV_TIMEOUT = 5.0
@@ -93,7 +93,6 @@ def result_line(outcome: Outcome) -> dict:
 
 @pytest.fixture(scope="module")
 def stress_daemon(tmp_path_factory):
-    from conftest import _finish
     from support import Daemon
 
     tmp = tmp_path_factory.mktemp("stress")
@@ -101,7 +100,7 @@ def stress_daemon(tmp_path_factory):
     d = Daemon(tmp, env={"PYTHONPATH": str(tmp / "src")}).start()
     d.first_pids = (d.proc.pid, d.role_pids("handler"), d.role_pids("broker"), d.role_pids("executor"))
     yield d
-    _finish(d)
+    finish(d)
 
 
 def test_01_simple_prompt(stress_daemon):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -11,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-import trustme
 
-from support import ROOT, wait_for
+from support import ROOT, self_signed_cert, wait_for
 
 UNIT = ROOT / "systemd" / "ccexec.service"
 
@@ -61,12 +59,7 @@ def test_notify_socket_gets_ready_once_serving_then_periodic_watchdog(make_daemo
 
 def test_notify_socket_gets_ready_from_a_daemon_serving_tls(make_daemon, tmp_path):
     """With tls_cert the port speaks https only: readiness is asked over https."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    cert.private_key_pem.write_to_path(str(key_path))
-    os.chmod(key_path, 0o600)
+    _, cert_path, key_path = self_signed_cert(tmp_path)
     notify_path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(notify_path)
