@@ -651,7 +651,10 @@ class Executor:
     async def shutdown(self) -> None:
         """Stop: end every running job's tree and report it."""
         logs.event(log, "executor.stopping", pid=os.getpid(), jobs=len(self.jobs))
-        await self.send(bus.STOPPING, {})  # so that the slots its jobs free take no new ones
+        # Queued ahead of the completions of the jobs ended below, so that the
+        # slots they free take no new jobs; not awaited, as a broker out of
+        # reach (the head of a node that lost it) hears nothing.
+        told = self.sock.send_multipart(bus.pack(bus.STOPPING, {}))
         for job in list(self.jobs.values()):
             if job.pid is None and job.ended_by is None:  # being started: ended once it is
                 job.ended_by, job.ended_error = "canceled", "the daemon is stopping"
@@ -662,10 +665,13 @@ class Executor:
         # A DISPATCH already on its way when the broker heard is declined
         # (by the receive loop, still running) only if it arrives before the socket closes.
         try:
-            await asyncio.wait_for(self.stop_heard.wait(), bus.HEARTBEAT_INTERVAL)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(bus.HEARTBEAT_INTERVAL):
+                await told
+                await self.stop_heard.wait()
+        except TimeoutError:
             pass
         self.sock.close(linger=500)
+        logs.event(log, "executor.stopped", pid=os.getpid())
 
 
 def main(argv: list[str]) -> None:

@@ -96,9 +96,12 @@ def test_a_node_with_an_unknown_key_is_refused(cluster, tmp_path):
         public = keys["rogue"][0].read_text()
         assert any(line.strip().startswith("public-key") and line.split('"')[1] in head.log_path.read_text()
                    for line in public.splitlines())
+        assert rogue.stop() == 0
+        # It stopped by itself, not killed by Circus after graceful_timeout
+        # for still waiting to tell a head that never answers.
+        assert "executor.stopped" in rogue.log_path.read_text(errors="replace")
     finally:
-        rogue.stop()
-        rogue.cleanup()
+        finish(rogue)
 
 
 @async_test(90)
