@@ -103,6 +103,10 @@ class JobStream:
         self.final: dict | None = None
         self.claude: deque[tuple[int, str]] = deque()  # (stdout_end, message): held until stdout is sent that far
         self.finished = False
+        # `control` requests of this job awaiting the daemon's answer: its
+        # process.completed waits for them, so that it follows their result
+        # and process.paused / .resumed / .canceled.
+        self.controls = 0
         self.last_output = time.monotonic()
         self.wake = asyncio.Event()
         self.gate = asyncio.Event()  # opened once the request that made this stream is answered
@@ -172,7 +176,7 @@ class JobStream:
                 for stream in STREAMS:
                     await self.deliver(stream)
                 await self.send_claude()
-                if self.final is not None:
+                if self.final is not None and not self.controls:
                     await self.complete()
             while self.notices:  # a rejection's error response
                 await self.session.send(self.notices.popleft())
@@ -458,8 +462,11 @@ class Session:
         recorded = (record.get("stdout_bytes") or 0, record.get("stderr_bytes") or 0)
         if any(size < want for size, want in zip(sizes, recorded)):
             raise protocol.output_gone(record["job_id"], "the job's journal was removed", request.id)
+        # Past what the job has written so far, finished or not: no client
+        # was sent those bytes, and the stream would resume from a place that
+        # is not there yet (its end then reported as the offset asked for).
         for name, offset, size in zip(("stdout_offset", "stderr_offset"), offsets, sizes):
-            if offset > size and record["state"] == "finished":
+            if offset > size:
                 raise ProtocolError(protocol.INVALID_PARAMS, f"Invalid params: '{name}' is past the end ({size} bytes)",
                                     {"param": name}, request.id)
 
@@ -471,12 +478,17 @@ class Session:
                         else "running job on this connection")
                 raise ProtocolError(protocol.JOB_NOT_FOUND, f"Process not found: no {what}",
                                     {"job_id": spec.job_id}, request.id)
-            result = await self.handler.ask_broker({"job_id": job.job_id, "action": spec.action}, bus.CONTROL)
-            if not result.get("ok"):
-                raise ProtocolError(result.get("code", protocol.JOB_NOT_FOUND), result.get("error", "control failed"),
-                                    {"job_id": job.job_id}, request.id)
-            await self.reply(request, {"status": result["status"], "job_id": job.job_id})
-            job.on_control(result["status"])
+            job.controls += 1  # the job's end, which may come in before this answer, waits for it
+            try:
+                result = await self.handler.ask_broker({"job_id": job.job_id, "action": spec.action}, bus.CONTROL)
+                if not result.get("ok"):
+                    raise ProtocolError(result.get("code", protocol.JOB_NOT_FOUND),
+                                        result.get("error", "control failed"), {"job_id": job.job_id}, request.id)
+                await self.reply(request, {"status": result["status"], "job_id": job.job_id})
+                job.on_control(result["status"])
+            finally:
+                job.controls -= 1
+                job.wake.set()
         except ProtocolError as exc:
             try:
                 await self.send(exc.to_message())

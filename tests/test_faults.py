@@ -414,3 +414,35 @@ def test_group_of_a_job_whose_leader_exited_meanwhile_is_ended_by_the_next_daemo
                 daemon.cleanup()
         if child is not None and _alive(child):  # jobs do not inherit the daemon's mark
             os.kill(child, signal.SIGKILL)
+
+
+@async_test(60)
+async def test_cancel_whose_answer_and_job_end_reach_the_handler_together_keeps_their_order(make_daemon):
+    """CANCEL of a running job whose end reaches the handler right behind the
+    control's answer (frozen handler: both wait in its queue, then come in
+    back to back): result, process.canceled, process.completed, in that order."""
+    d = make_daemon(handlers=1, executors=1)
+    [handler], [executor] = d.role_pids("handler"), d.role_pids("executor")
+    wire = await Wire.open(d.url)
+    job_id = (await wire.execute(command="exec sleep 30"))["job_id"]
+    await wire.until(lambda m: m.get("method") == "process.started", 10)
+    os.kill(executor, signal.SIGSTOP)  # the CANCEL waits there until the handler is frozen
+    try:
+        cancel = await wire.request("control", {"type": "CANCEL", "job_id": job_id})
+        for _ in range(2):  # the second one waited for its frame: the handler has passed the CANCEL on
+            await wire.answer(await wire.request("ping"))
+        os.kill(handler, signal.SIGSTOP)
+    finally:
+        os.kill(executor, signal.SIGCONT)
+    try:
+        await asyncio.to_thread(wait_for, lambda: f"job.finished job_id={job_id}" in d.log_path.read_text(),
+                                2, 0.01, "the job's end")
+    finally:
+        os.kill(handler, signal.SIGCONT)
+    await wire.answer(cancel)
+    await wire.completed(job_id, 20)
+    await wire.answer(await wire.request("ping"))
+    told = [m.get("method") or ("result" if m.get("id") == cancel else None) for m in wire.messages
+            if m.get("id") == cancel or m.get("method") in ("process.canceled", "process.completed")]
+    assert told == ["result", "process.canceled", "process.completed"], told
+    await wire.close()

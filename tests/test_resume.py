@@ -226,3 +226,29 @@ async def test_a_failed_attach_can_be_retried_at_once(daemon):
     again = await wire.until(lambda m: m.get("method") == "process.completed", 10)
     assert again["params"]["job_id"] == job_id and wire.text(job_id) == "once\nonce\n"
     await wire.close()
+
+
+@async_test()
+async def test_attach_to_a_running_job_from_past_its_output_is_refused(daemon, tmp_path):
+    """No client can hold an offset past what a job has written so far: a
+    running job answers it like a finished one, instead of streaming from a
+    place that is not there yet and reporting that place as the end."""
+    go = tmp_path / "go"
+    wire = await Wire.open(daemon.url)
+    result = await wire.execute(command=f"echo one; for i in $(seq 400); do [ -e {go} ] && break; sleep 0.05; done; "
+                                        "echo two")
+    await wire.until(lambda m: m.get("method") == "process.output", 10)
+    watcher = await Wire.open(daemon.url)
+    past = await watcher.answer(await watcher.request("attach", {"job_id": result["job_id"], "stdout_offset": 100}))
+    go.touch()
+    completed = await wire.completed(result["job_id"], 30)
+    assert completed["stdout_bytes"] == 8 and wire.text(result["job_id"]) == "one\ntwo\n"
+    if "result" in past:
+        told = await watcher.completed(result["job_id"], 30)
+        pytest.fail(f"attach past the end accepted: {past['result']}, then {told}")
+    assert past["error"]["code"] == -32602 and "stdout_offset" in past["error"]["message"]
+    at_end = await watcher.answer(await watcher.request("attach", {"job_id": result["job_id"], "stdout_offset": 8}))
+    assert at_end["result"]["stdout_offset"] == 8
+    assert (await watcher.completed(result["job_id"]))["stdout_bytes"] == 8 and watcher.text(result["job_id"]) == ""
+    await wire.close()
+    await watcher.close()
