@@ -82,11 +82,12 @@ class Result:
 class Job:
     """A job this client started: its events, in the order the server sent them."""
 
-    def __init__(self, client: "Client", job_id: str, status: str, pid: int | None):
+    def __init__(self, client: "Client", job_id: str, status: str, pid: int | None, stream_mode: str = "lines"):
         self.client = client
         self.job_id = job_id
         self.status = status
         self.pid = pid
+        self.stream_mode = stream_mode  # a resume attaches in the same mode
         self.queue: asyncio.Queue[dict] = asyncio.Queue()
         self.stdout: list[str] = []
         self.stderr: list[str] = []
@@ -96,9 +97,12 @@ class Job:
 
     def _on_event(self, method: str, params: dict) -> None:
         if method == "process.output":
-            (self.stdout if params["type"] == "stdout" else self.stderr).append(params["data"])
+            stream, data, end = params["type"], params["data"], params["offset"] + params["size"]
+            if stream not in self.offsets or not isinstance(data, str) or not isinstance(end, int):
+                raise ValueError(f"malformed process.output: {params!r:.200}")
+            (self.stdout if stream == "stdout" else self.stderr).append(data)
             self.outputs.append(params)
-            self.offsets[params["type"]] = params["offset"] + params["size"]
+            self.offsets[stream] = end
         elif method == "process.completed":
             self.completed = params
         self.queue.put_nowait({"method": method, "params": params})
@@ -144,6 +148,7 @@ class Client:
         self._jobs: dict[str, Job] = {}
         self._early: dict[str, list[tuple[str, dict]]] = {}  # events that beat their job's response
         self._reader: asyncio.Task | None = None
+        self._delays = None  # what is left of the retry policy while resumes fail in a row
         self.notifications: asyncio.Queue[dict] = asyncio.Queue()  # heartbeats and the like
 
     async def __aenter__(self) -> "Client":
@@ -170,10 +175,24 @@ class Client:
             await asyncio.gather(self._reader, return_exceptions=True)
 
     async def _read(self) -> None:
+        try:
+            await self._read_frames()
+        except Exception as exc:  # never end without a word to those who wait
+            self._fail_pending()
+            for job in [job for job in self._jobs.values() if job.completed is None]:
+                job.queue.put_nowait({"method": "connection.lost", "params": {"error": f"client failed: {exc!r}"}})
+            raise
+
+    async def _read_frames(self) -> None:
         while True:
             try:
                 async for frame in self.ws:
-                    self._dispatch(json.loads(frame))
+                    try:
+                        message = json.loads(frame)
+                        if isinstance(message, dict):
+                            self._dispatch(message)
+                    except (ValueError, KeyError, TypeError, AttributeError):
+                        continue  # not a message of this protocol: skipped, as the server skips bad requests
             except websockets.ConnectionClosed:
                 pass
             self._fail_pending()
@@ -186,15 +205,17 @@ class Client:
                                           "params": {"error": f"connection to {self.url} lost"}})
                 return
 
-    @staticmethod
-    def _attach_answered(job: Job, answer: asyncio.Future) -> None:
+    def _attach_answered(self, job: Job, answer: asyncio.Future) -> None:
         if not answer.cancelled() and isinstance(answer.exception(), ConnectionError):
             return  # the connection dropped again before the answer: the next resume attaches again
         error = answer.exception() if not answer.cancelled() else ConnectionError("canceled")
         if error is None and "error" in answer.result():
             error = RPCError(**{k: answer.result()["error"].get(k) for k in ("code", "message", "data")})
         if error is not None:
+            self._jobs.pop(job.job_id, None)
             job.queue.put_nowait({"method": "connection.lost", "params": {"error": f"resume failed: {error}"}})
+        else:
+            self._delays = None  # resumed: a later drop gets the whole retry policy again
 
     def _fail_pending(self) -> None:
         for future in self._pending.values():
@@ -204,18 +225,22 @@ class Client:
 
     async def _resume(self, unfinished: list[Job]) -> bool:
         """Reconnect and attach each unfinished job where its output stopped."""
-        for delay in self.retry.delays():
+        if self._delays is None:
+            self._delays = self.retry.delays()
+        for delay in self._delays:  # not renewed until an attach is answered
             await asyncio.sleep(delay)
             try:
                 self.ws = await self._open()
                 for job in unfinished:
                     answer = await self._send("attach", {"job_id": job.job_id, "stdout_offset": job.offsets["stdout"],
-                                                         "stderr_offset": job.offsets["stderr"]})
+                                                         "stderr_offset": job.offsets["stderr"],
+                                                         "stream_mode": job.stream_mode})
                     answer.add_done_callback(functools.partial(self._attach_answered, job))
             except (OSError, websockets.InvalidHandshake, websockets.ConnectionClosed, asyncio.TimeoutError):
                 continue
             self.reconnects += 1
             return True
+        self._delays = None
         return False
 
     def _job_of_error(self, message: dict) -> Job | None:
@@ -225,10 +250,12 @@ class Client:
 
     def _dispatch(self, message: dict) -> None:
         if "id" in message and ("result" in message or "error" in message):
-            future = self._pending.pop(message["id"], None)
-            if future is not None and not future.done():
-                future.set_result(message)
+            if message["id"] is not None:  # an answer: to a request still awaited, or to one given up
+                future = self._pending.pop(message["id"], None)
+                if future is not None and not future.done():
+                    future.set_result(message)
             elif (job := self._job_of_error(message)) is not None:
+                self._jobs.pop(job.job_id, None)  # this connection gets no more of the job
                 job.queue.put_nowait({"method": "error", "params": message["error"]})
             elif "error" in message:
                 self.notifications.put_nowait(message)
@@ -237,25 +264,38 @@ class Client:
         if method == "connected":
             self.session = params
         job_id = params.get("job_id") if isinstance(params, dict) else None
-        if job_id is not None and method.startswith("process."):
+        if job_id is not None and isinstance(method, str) and method.startswith("process."):
             job = self._jobs.get(job_id)
             if job is None:
                 self._early.setdefault(job_id, []).append((method, params))
             else:
                 job._on_event(method, params)
+                if job.completed is not None:
+                    del self._jobs[job_id]  # nothing follows process.completed: not kept for a resume
         else:
             self.notifications.put_nowait(message)
 
     async def _send(self, method: str, params: dict | None) -> asyncio.Future:
+        return (await self._request(method, params))[1]
+
+    async def _request(self, method: str, params: dict | None) -> tuple[int, asyncio.Future]:
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        await self.ws.send(json.dumps({"jsonrpc": "2.0", "method": method, "params": params or {},
-                                       "id": request_id}))
-        return future
+        try:
+            await self.ws.send(json.dumps({"jsonrpc": "2.0", "method": method, "params": params or {},
+                                           "id": request_id}))
+        except BaseException:
+            self._pending.pop(request_id, None)
+            raise
+        return request_id, future
 
     async def call(self, method: str, params: dict | None = None, timeout: float | None = 30) -> Any:
-        answer = await asyncio.wait_for(await self._send(method, params), timeout)
+        request_id, future = await self._request(method, params)
+        try:
+            answer = await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending.pop(request_id, None)  # given up (a timeout, a cancel): its late answer is dropped
         if "error" in answer:
             error = answer["error"]
             raise RPCError(error["code"], error["message"], error.get("data"))
@@ -272,10 +312,11 @@ class Client:
         if argv is not None:
             params["argv"] = argv
         result = await self.call("execute", params, answer_timeout)
-        job = Job(self, result["job_id"], result["status"], result.get("pid"))
-        self._jobs[job.job_id] = job
+        job = Job(self, result["job_id"], result["status"], result.get("pid"), params.get("stream_mode", "lines"))
         for method, event in self._early.pop(job.job_id, []):
             job._on_event(method, event)
+        if job.completed is None:
+            self._jobs[job.job_id] = job
         return job
 
     async def control(self, action: str, job_id: str | None = None) -> dict:
@@ -285,14 +326,15 @@ class Client:
     async def ping(self) -> dict:
         return await self.call("ping")
 
-    async def attach(self, job_id: str, stdout_offset: int = 0, stderr_offset: int = 0) -> Job:
+    async def attach(self, job_id: str, stdout_offset: int = 0, stderr_offset: int = 0,
+                     stream_mode: str = "lines") -> Job:
         """Follow a job started elsewhere (or earlier), from byte offsets."""
-        job = Job(self, job_id, "attached", None)
+        job = Job(self, job_id, "attached", None, stream_mode)
         job.offsets = {"stdout": stdout_offset, "stderr": stderr_offset}
         self._jobs[job_id] = job  # events of the replay may come before the answer
         try:
             result = await self.call("attach", {"job_id": job_id, "stdout_offset": stdout_offset,
-                                                "stderr_offset": stderr_offset})
+                                                "stderr_offset": stderr_offset, "stream_mode": stream_mode})
         except BaseException:
             self._jobs.pop(job_id, None)
             raise

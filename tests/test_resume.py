@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import shutil
 import signal
 import socket
+import sys
 import time
 import urllib.parse
+import weakref
 
 import psutil
 import pytest
+import websockets
 
-from ccexec.client import Client, Job, RPCError
-from support import async_test, ticker
+from ccexec.client import Client, ConnectionLost, Job, RetryPolicy, RPCError
+from support import Daemon, async_test, ticker
 from wire import Wire
 
 # 200 numbered lines, one every 20 ms: long enough to interrupt, exact to compare.
@@ -160,7 +164,6 @@ async def test_killed_handler_client_resumes_with_every_byte_once(make_daemon):
 
 def _serves(pid: int, client: Client) -> bool:
     """Whether handler `pid` holds the server end of the client's connection."""
-    import psutil
     local = client.ws.local_address[:2]
     return any(c.raddr and (c.raddr.ip, c.raddr.port) == tuple(local)
                for c in psutil.Process(pid).net_connections(kind="tcp"))
@@ -170,8 +173,6 @@ def _serves(pid: int, client: Client) -> bool:
 async def test_client_gives_up_after_its_retry_policy(tmp_path):
     """With the whole daemon gone (kill -9 of every process), resuming fails
     within the retry policy and the job's waiter is told, not left hanging."""
-    from ccexec.client import ConnectionLost, RetryPolicy
-    from support import Daemon
     d = Daemon(tmp_path)
     try:
         await asyncio.to_thread(d.start)
@@ -252,3 +253,129 @@ async def test_attach_to_a_running_job_from_past_its_output_is_refused(daemon, t
     assert (await watcher.completed(result["job_id"]))["stdout_bytes"] == 8 and watcher.text(result["job_id"]) == ""
     await wire.close()
     await watcher.close()
+
+
+JOB_ID = "c" * 32
+
+
+async def _serve(handler) -> tuple[object, str]:
+    """A tiny real WebSocket server running `handler`, and its URL."""
+    server = await websockets.serve(handler, "127.0.0.1", 0)
+    return server, f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws"
+
+
+def _note(method: str, **params) -> str:
+    return json.dumps({"jsonrpc": "2.0", "method": method, "params": {**params, "job_id": JOB_ID}})
+
+
+async def _connected_and_started(ws) -> None:
+    """Play a daemon that accepts one execute and starts the job."""
+    await ws.send(json.dumps({"jsonrpc": "2.0", "method": "connected", "params": {"session_id": "s"}}))
+    request = json.loads(await ws.recv())
+    await ws.send(json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": {
+        "status": "started", "pid": 1, "pgid": 1, "job_id": JOB_ID}}))
+    await ws.send(_note("process.started", status="started", pid=1, pgid=1, exit_code=None, error=None))
+
+
+@async_test(30)
+async def test_a_malformed_server_message_is_skipped_not_the_end_of_the_client():
+    """A frame that is not JSON, not an object, or a job message without a
+    method must not end the client's reading: calls and jobs would hang."""
+    async def handler(ws):
+        await _connected_and_started(ws)
+        for frame in ("not json", "[1, 2]", "null", json.dumps({"jsonrpc": "2.0", "params": {"job_id": JOB_ID}}),
+                      json.dumps({"jsonrpc": "2.0", "method": "process.output", "params": "x"})):
+            await ws.send(frame)
+        await ws.send(_note("process.output", type="stdout", data="hi\n", truncated=False, chunk_index=None,
+                            total_chunks=None, offset=0, size=3))
+        await ws.send(_note("process.completed", status="completed", pid=1, pgid=1, exit_code=0, error=None,
+                            reason="exit", execution_time=0.1, stdout_bytes=3, stderr_bytes=0))
+        ping = json.loads(await ws.recv())
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": ping["id"], "result": {"pong": True}}))
+        await ws.wait_closed()
+    server, url = await _serve(handler)
+    async with server, Client(url, resume=False) as client:
+        job = await client.execute("echo hi")
+        result = await job.wait(10)
+        assert (result.stdout, result.exit_code) == ("hi\n", 0)
+        assert (await client.ping())["pong"] is True
+
+
+@async_test(30)
+async def test_resume_gives_up_when_every_resumed_connection_drops_before_attaching():
+    """A server that drops each new connection before answering attach (a
+    handler crashing on it, a pool that keeps restarting): the retry policy
+    bounds the whole resume, not each connection that merely opened."""
+    connections = []
+
+    async def handler(ws):
+        connections.append(ws)
+        if len(connections) == 1:
+            await _connected_and_started(ws)
+        else:
+            await ws.send(json.dumps({"jsonrpc": "2.0", "method": "connected", "params": {"session_id": "s"}}))
+            await ws.recv()  # the attach: never answered
+        ws.transport.abort()
+    server, url = await _serve(handler)
+    async with server:
+        client = Client(url, retry=RetryPolicy(attempts=3, first_delay=0.01, max_delay=0.02))
+        await client.connect()
+        try:
+            job = await client.execute("sleep 30")
+            with pytest.raises(ConnectionLost):
+                await job.wait(10)
+            assert len(connections) <= 1 + 3
+        finally:
+            await client.close()
+
+
+@async_test(30)
+async def test_a_timed_out_call_leaves_nothing_behind_and_its_late_answer_is_no_job_error(daemon):
+    async with Client(daemon.url) as client:
+        running = await client.execute("sleep 30")
+        held = await client.execute("sleep 30")  # held behind `running`: not started, PAUSE fails
+        with pytest.raises(asyncio.TimeoutError):
+            await client.call("control", {"type": "PAUSE", "job_id": held.job_id}, timeout=0)
+        assert not client._pending
+        assert (await client.ping())["pong"] is True  # the late -32002 answer has come by now
+        await held.control("CANCEL")
+        assert (await held.wait(20)).reason == "canceled"
+        await running.control("CANCEL")
+        assert (await running.wait(20)).reason == "canceled"
+
+
+@async_test(90)
+async def test_resume_keeps_the_jobs_stream_mode(make_daemon, tmp_path):
+    """A chunks-mode job resumed after its handler died still comes in chunks
+    (lines mode would cut a long line into `truncated` pieces)."""
+    d = make_daemon()
+    marker = tmp_path / "go"
+    script = (f"import os, sys, time\nprint('start', flush=True)\n"
+              f"while not os.path.exists({str(marker)!r}): time.sleep(0.02)\n"
+              "sys.stdout.write('x' * 100000 + '\\n'); sys.stdout.flush()")
+    async with Client(d.url) as client:
+        job = await client.execute(argv=[sys.executable, "-c", script], stream_mode="chunks")
+        events = job.events(timeout=20)
+        while (await events.__anext__())["method"] != "process.output":
+            pass
+        [served_by] = [pid for pid in d.role_pids("handler") if _serves(pid, client)]
+        os.kill(served_by, signal.SIGKILL)
+        marker.touch()
+        result = await job.wait(60)
+    assert client.reconnects == 1
+    assert result.stdout == "start\n" + "x" * 100000 + "\n"
+    assert [o["truncated"] for o in result.outputs] == [False] * len(result.outputs)
+    assert [o["chunk_index"] for o in result.outputs] == [None] * len(result.outputs)
+
+
+@async_test(30)
+async def test_a_finished_job_is_not_kept_by_its_client(daemon):
+    """A long-lived client must not keep every job's output it ever ran."""
+    async with Client(daemon.url) as client:
+        job = await client.execute("head -c 100000 /dev/zero | tr '\\0' x")
+        result = await job.wait(20)
+        assert len(result.stdout) == 100000
+        gone = weakref.ref(job)
+        del job
+        gc.collect()
+        assert gone() is None
