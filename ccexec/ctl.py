@@ -29,7 +29,7 @@ from pathlib import Path
 
 import click
 import psutil
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from ccexec import config, policy
 from ccexec.client import Client, RPCError
@@ -521,6 +521,22 @@ def _exit_status(exit_code: int) -> int:
     return exit_code if exit_code >= 0 else 128 - exit_code
 
 
+class Interrupted(Exception):
+    """Ctrl-C, with no daemon to pass the cancel on to."""
+
+
+class OutputClosed(Exception):
+    """Our stdout or stderr is a pipe whose reader is gone (`ccexecctl … | head`)."""
+
+
+def _exit_output_closed() -> None:
+    """Exit as a program killed by SIGPIPE, with nothing more to say (nobody reads)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # what is still buffered cannot fail at exit
+    os.dup2(devnull, sys.stderr.fileno())
+    sys.exit(128 + signal.SIGPIPE)
+
+
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("--detach", is_flag=True, help="Start the job, print its id and return; it outlives this command.")
 @click.option("--cwd", help="Working directory of the job.")
@@ -535,19 +551,62 @@ def run(ctx: click.Context, detach: bool, cwd: str | None, timeout: float | None
     params = {k: v for k, v in {"cwd": cwd, "timeout": timeout}.items() if v is not None}
 
     async def work(client: Client):
-        job = await client.execute(argv=list(argv), detach=detach, **params)
-        if detach:
-            return {"job_id": job.job_id, "pid": job.pid}
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(job.control("CANCEL")))
-        return await _print_events(job)
+        loop, waiting = asyncio.get_running_loop(), asyncio.current_task()
+        job, asked, interrupted = None, False, False
 
-    outcome = with_client(ctx.obj["daemon"], work)
+        async def cancel() -> None:
+            nonlocal interrupted
+            try:
+                await job.control("CANCEL")  # its process.completed ends the wait
+            except RPCError:
+                pass  # it ended meanwhile
+            except (OSError, ConnectionClosed):  # the connection is down (being resumed): stop waiting
+                interrupted = True
+                waiting.cancel()
+
+        def on_sigint() -> None:
+            nonlocal asked, interrupted
+            if job is not None:
+                loop.create_task(cancel())
+            elif asked:  # a second Ctrl-C while the daemon has not answered: give up waiting
+                interrupted = True
+                waiting.cancel()
+            asked = True
+        if not detach:  # from before the job exists: it may run before its execute answer is read
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
+        try:
+            job = await client.execute(argv=list(argv), detach=detach, **params)
+            if detach:
+                return {"job_id": job.job_id, "pid": job.pid}
+            if asked:
+                loop.create_task(cancel())
+            return await _print_events(job)
+        except asyncio.CancelledError:
+            if interrupted:
+                raise Interrupted from None
+            raise
+        except OutputClosed:
+            try:
+                await job.control("CANCEL")  # its output has nowhere to go
+            except (RPCError, OSError, ConnectionClosed):
+                pass  # it ended meanwhile, or the daemon cancels it after detach_grace
+            raise
+
+    try:
+        outcome = with_client(ctx.obj["daemon"], work)
+    except OutputClosed:
+        _exit_output_closed()
+    except Interrupted:
+        click.echo("ccexecctl: interrupted; the daemon could not be told to cancel the job "
+                   "(it is canceled once detach_grace passes with no client)", err=True)
+        sys.exit(128 + signal.SIGINT)
     if detach:
         emit(ctx, outcome, lambda o: click.echo(o["job_id"]))
         return
     if ctx.obj["json"]:
         click.echo(json.dumps(outcome), err=True)
+    elif outcome.get("error"):  # the daemon's word on why (a missing program or cwd, a timeout, …)
+        click.echo(f"ccexecctl: {outcome['error']}", err=True)
     sys.exit(_exit_status(outcome["exit_code"]))
 
 
@@ -572,14 +631,17 @@ def logs(ctx: click.Context, follow: bool, watcher: str | None, job_id: str | No
 
 
 def _job_output(daemon: Daemon, job_id: str, follow: bool) -> None:
-    with_client(daemon, lambda client: client.job_status(job_id))  # exit 1 if there is no such job
-    if not follow:
-        _print_journal(daemon, job_id)
-        return
+    record = with_client(daemon, lambda client: client.job_status(job_id))  # exit 1 if there is no such job
+    try:
+        if not follow:
+            _print_journal(daemon, record)
+            return
 
-    async def work(client: Client):
-        await _print_events(await client.attach(job_id))
-    with_client(daemon, work)
+        async def work(client: Client):
+            await _print_events(await client.attach(job_id))
+        with_client(daemon, work)
+    except OutputClosed:
+        _exit_output_closed()
 
 
 async def _print_events(job) -> dict:
@@ -587,21 +649,45 @@ async def _print_events(job) -> dict:
     async for event in job.events():
         if event["method"] == "process.output":
             stream = sys.stdout if event["params"]["type"] == "stdout" else sys.stderr
-            stream.write(event["params"]["data"])
-            stream.flush()
+            try:
+                stream.write(event["params"]["data"])
+                stream.flush()
+            except BrokenPipeError:
+                raise OutputClosed from None
     return job.completed
 
 
-def _print_journal(daemon: Daemon, job_id: str) -> None:
+def _print_journal(daemon: Daemon, record: dict) -> None:
+    """A job's journals as they are on disk, stdout then stderr, a piece at a time."""
     from ccexec.journal import job_dir
 
+    directory = job_dir(daemon.settings.jobs_dir, record["job_id"])
     for stream, out in (("stdout", sys.stdout.buffer), ("stderr", sys.stderr.buffer)):
         try:
-            with open(os.path.join(job_dir(daemon.settings.jobs_dir, job_id), stream), "rb") as f:
-                out.write(f.read())
-        except (OSError, ValueError):
-            pass
-        out.flush()
+            f = open(os.path.join(directory, stream), "rb")
+        except FileNotFoundError:
+            if record.get(f"{stream}_bytes"):
+                raise click.ClickException(f"the job's {stream} is no longer available: "
+                                           f"{os.path.join(directory, stream)} is gone") from None
+            continue  # the job never wrote to this stream
+        except OSError as exc:
+            raise click.ClickException(f"cannot read the job's {stream}: {exc}") from None
+        with f:
+            while True:
+                try:
+                    data = f.read(1 << 20)
+                except OSError as exc:
+                    raise click.ClickException(f"cannot read the job's {stream}: {exc}") from None
+                if not data:
+                    break
+                try:
+                    out.write(data)
+                except BrokenPipeError:
+                    raise OutputClosed from None
+        try:
+            out.flush()
+        except BrokenPipeError:
+            raise OutputClosed from None
 
 
 def _follow_files(paths: list[str], lines: int, follow: bool) -> None:

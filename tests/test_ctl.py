@@ -287,3 +287,128 @@ async def test_a_refused_connection_is_reported_with_its_http_status(make_daemon
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
     assert "refused the connection: HTTP 503" in refused.stderr
     assert "too many connections from this address" in refused.stderr
+
+
+def test_run_into_a_closed_pipe_cancels_the_job_and_exits_as_sigpipe(make_daemon):
+    """`ccexecctl run -- CMD | head`: once head is gone the job is canceled
+    at once (not left writing its journal until detach_grace), and ccexecctl
+    exits like a program killed by SIGPIPE, without blaming the daemon."""
+    d = make_daemon(settings={"detach_grace": 120})
+    proc = subprocess.Popen([CTL, "--state-dir", str(d.state_dir), "run", "--", "yes"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdout.read(10)
+        proc.stdout.close()
+        assert proc.wait(30) == 128 + signal.SIGPIPE
+        assert b"not reachable" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    [record] = json.loads(ctl(d, "--json", "jobs").stdout)
+    record = wait_for(lambda: (lambda r: r if r["state"] == "finished" else None)(
+        json.loads(ctl(d, "--json", "job", record["job_id"]).stdout)), 30, 0.3, "the job's end")
+    assert record["reason"] == "canceled"
+
+
+def test_logs_of_a_job_streams_a_large_journal_without_holding_it(logged):
+    size = 192 << 20
+    job_id = ctl(logged, "run", "--detach", "--", "head", "-c", str(size), "/dev/zero").stdout.strip()
+    wait_for(lambda: json.loads(ctl(logged, "--json", "job", job_id).stdout)["state"] == "finished",
+             60, 0.3, "the job's end")
+    proc = subprocess.Popen([CTL, "--state-dir", str(logged.state_dir), "logs", "--job", job_id],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    counted = 0
+    while chunk := proc.stdout.read(1 << 20):
+        counted += len(chunk)
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory
+    assert os.waitstatus_to_exitcode(status) == 0 and counted == size
+    assert usage.ru_maxrss < 128 * 1024, f"{usage.ru_maxrss} KiB"
+
+
+def test_logs_of_a_job_whose_journal_is_gone_says_so(logged):
+    job_id = ctl(logged, "run", "--detach", "--", "echo", "kept").stdout.strip()
+    wait_for(lambda: ctl(logged, "logs", "--job", job_id).stdout == "kept\n", 20, 0.2, "the job's output")
+    shutil.rmtree(logged.state_dir / "jobs" / job_id)
+    gone = ctl(logged, "logs", "--job", job_id)
+    assert gone.returncode == 1 and "no longer available" in gone.stderr, (gone.returncode, gone.stderr)
+
+
+def test_run_says_why_a_job_failed_when_the_job_itself_could_not(logged, tmp_path):
+    """A job that never ran (a missing program or cwd) or that ccexec ended
+    has only the daemon's `error` to explain its exit status."""
+    missing = ctl(logged, "run", "--", "no-such-program-here")
+    assert missing.returncode == 127 and "command not found: no-such-program-here" in missing.stderr
+    rejected = ctl(logged, "run", "--cwd", str(tmp_path / "nowhere"), "--", "true")
+    assert rejected.returncode == 126 and "working directory does not exist" in rejected.stderr
+    timed_out = ctl(logged, "run", "--timeout", "0.3", "--", "sleep", "30")
+    assert timed_out.returncode == 128 + signal.SIGTERM and "timed out" in timed_out.stderr
+
+
+def test_run_ctrl_c_while_the_daemon_is_unreachable_stops_waiting(tmp_path):
+    """Ctrl-C of `ccexecctl run` whose daemon is gone (the client is trying to
+    resume) cannot reach anyone to cancel the job, but must not be ignored."""
+    d = Daemon(tmp_path)
+    try:
+        d.start()
+        marker = tmp_path / "started"
+        proc = subprocess.Popen([CTL, "--state-dir", str(d.state_dir), "run", "--", "sh", "-c",
+                                 f"touch {marker}; sleep 60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        wait_for(marker.exists, 20, what="the job to start")
+        for p in [psutil.Process(d.proc.pid), *d.processes()]:
+            p.kill()  # only this test's daemon and its job
+        psutil.wait_procs([psutil.Process(d.proc.pid)], timeout=10)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        # Not exit 3 once the whole retry policy ran out: the interruption is heard.
+        assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, (proc.returncode, err)
+        assert "interrupted" in err, err
+    finally:
+        if "proc" in locals() and proc.poll() is None:
+            proc.kill()
+        d.cleanup()
+
+
+@async_test(60)
+async def test_run_ctrl_c_before_the_job_is_known_still_cancels_it(tmp_path):
+    """Ctrl-C while the execute answer is on its way (the job may already
+    run): ccexecctl must cancel the job, not abort and leave it running."""
+    got: dict[str, asyncio.Future] = {}
+    loop = asyncio.get_running_loop()
+    for name in ("execute", "control"):
+        got[name] = loop.create_future()
+    answer_execute = asyncio.Event()
+    job_id = "d" * 32
+
+    async def daemon(ws):  # plays the daemon's side of `ccexecctl run`
+        await ws.send(json.dumps({"jsonrpc": "2.0", "method": "connected", "params": {"session_id": "s"}}))
+        execute = json.loads(await ws.recv())
+        got["execute"].set_result(execute)
+        await answer_execute.wait()
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": execute["id"], "result": {
+            "status": "started", "pid": 1, "pgid": 1, "job_id": job_id}}))
+        control = json.loads(await ws.recv())
+        got["control"].set_result(control)
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": control["id"],
+                                  "result": {"status": "canceled", "job_id": job_id}}))
+        await ws.send(json.dumps({"jsonrpc": "2.0", "method": "process.completed", "params": {
+            "status": "failed", "pid": 1, "pgid": 1, "exit_code": -15, "error": "canceled on request",
+            "job_id": job_id, "reason": "canceled", "execution_time": 0.1, "stdout_bytes": 0, "stderr_bytes": 0}}))
+        await ws.wait_closed()
+
+    async with websockets.serve(daemon, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        d = Daemon(tmp_path, sections={"socket:ccexec": {"port": port}})  # only its config file
+        proc = await asyncio.create_subprocess_exec(CTL, "--config", str(d.config), "--state-dir", str(d.state_dir),
+                                                    "run", "--", "sleep", "60", stderr=subprocess.PIPE)
+        try:
+            await asyncio.wait_for(got["execute"], 20)
+            proc.send_signal(signal.SIGINT)  # delivered at once; the answer only leaves after it
+            answer_execute.set()
+            control = await asyncio.wait_for(got["control"], 10)
+            assert control["params"] == {"type": "CANCEL", "job_id": job_id}
+            assert await asyncio.wait_for(proc.wait(), 20) == 128 + signal.SIGTERM
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
