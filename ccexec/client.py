@@ -27,6 +27,10 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 DEFAULT_URL = "ws://127.0.0.1:8004/ws"
+# Unread notifications a client keeps (heartbeats, claude.event, errors of no
+# request): past this the oldest go, so a client nobody reads them from does
+# not grow without end.
+NOTIFICATIONS_KEPT = 1000
 
 
 class ConnectionLost(ConnectionError):
@@ -149,7 +153,7 @@ class Client:
         self._early: dict[str, list[tuple[str, dict]]] = {}  # events that beat their job's response
         self._reader: asyncio.Task | None = None
         self._delays = None  # what is left of the retry policy while resumes fail in a row
-        self.notifications: asyncio.Queue[dict] = asyncio.Queue()  # heartbeats and the like
+        self.notifications: asyncio.Queue[dict] = asyncio.Queue(NOTIFICATIONS_KEPT)  # heartbeats and the like
 
     async def __aenter__(self) -> "Client":
         await self.connect()
@@ -258,7 +262,7 @@ class Client:
                 self._jobs.pop(job.job_id, None)  # this connection gets no more of the job
                 job.queue.put_nowait({"method": "error", "params": message["error"]})
             elif "error" in message:
-                self.notifications.put_nowait(message)
+                self._notify(message)
             return
         method, params = message.get("method"), message.get("params") or {}
         if method == "connected":
@@ -273,7 +277,12 @@ class Client:
                 if job.completed is not None:
                     del self._jobs[job_id]  # nothing follows process.completed: not kept for a resume
         else:
-            self.notifications.put_nowait(message)
+            self._notify(message)
+
+    def _notify(self, message: dict) -> None:
+        if self.notifications.full():
+            self.notifications.get_nowait()
+        self.notifications.put_nowait(message)
 
     async def _send(self, method: str, params: dict | None) -> asyncio.Future:
         return (await self._request(method, params))[1]

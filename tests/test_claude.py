@@ -16,6 +16,7 @@ import pytest
 
 from ccexec import claude
 from ccexec.claude import ClaudeReader, LineAssembler, is_claude_command, is_claude_job
+from ccexec.client import NOTIFICATIONS_KEPT, Client
 from ccexec.protocol import ProtocolError, Request, parse_execute
 from support import async_test
 from wire import Wire
@@ -640,3 +641,20 @@ async def test_a_number_too_large_for_a_float_is_null_and_reading_goes_on(daemon
     assert completed["claude"]["result"] == "4" and completed["claude"]["num_turns"] == 1
     assert completed["claude"]["duration_ms"] is None and completed["claude"]["total_cost_usd"] is None
     await wire.close()
+
+
+@async_test(60)
+async def test_a_client_keeps_only_its_newest_unread_notifications(daemon, tmp_path):
+    """claude.event and heartbeats go to Client.notifications: a long-lived
+    client nobody reads them from must not keep them all."""
+    recorded = tmp_path / "retries.jsonl"
+    count = NOTIFICATIONS_KEPT + 200
+    recorded.write_text("".join('{"type":"system","subtype":"api_retry","attempt":%d,"max_retries":9999,'
+                                '"retry_delay_ms":1,"error":"unknown","error_status":null}\n' % n
+                                for n in range(1, count + 1)))
+    async with Client(daemon.url) as client:
+        result = await (await client.execute(argv=["cat", str(recorded)], claude=True)).wait(30)
+        assert result.exit_code == 0
+        kept = [client.notifications.get_nowait() for _ in range(client.notifications.qsize())]
+    attempts = [m["params"]["attempt"] for m in kept if m.get("method") == "claude.event"]
+    assert len(kept) == NOTIFICATIONS_KEPT and attempts[-1] == count
