@@ -20,8 +20,9 @@ import sys
 
 import click
 import psutil
+import zmq
 
-from ccexec import __version__, config, leftovers, logs, policy, remote
+from ccexec import __version__, bus, config, leftovers, logs, policy, remote
 from ccexec.systemd import SystemdNotify
 
 log = logging.getLogger("ccexec.arbiter")
@@ -136,6 +137,20 @@ def cap_rlimits(ini: configparser.ConfigParser, ceiling: int) -> None:
             raise config.ConfigError(f"[{section}] rlimit_nofile must be a number, got {raw!r}") from None
         if ceiling != resource.RLIM_INFINITY and (wanted < 0 or wanted > ceiling):
             ini.set(section, "rlimit_nofile", str(ceiling))
+
+
+def check_socket_paths(settings: config.Settings) -> None:
+    """A Unix socket's path has room for 107 bytes: under a longer state_dir
+    the broker and Circus could not bind theirs, and would fail in a loop."""
+    run_dir = settings.run_dir
+    paths = [endpoint.removeprefix("ipc://") for endpoint in (
+        settings.circus_endpoint, settings.circus_events_endpoint, bus.frontend_endpoint(run_dir),
+        bus.handler_data_endpoint(run_dir), bus.backend_endpoint(run_dir))]
+    longest = max(paths, key=lambda path: len(os.fsencode(path)))
+    if len(os.fsencode(longest)) > zmq.IPC_PATH_MAX_LEN:
+        raise config.ConfigError(f"state_dir {settings.state_dir} is too long: the path of its socket {longest} "
+                                 f"would be {len(os.fsencode(longest))} bytes, and a Unix socket's path holds "
+                                 f"{zmq.IPC_PATH_MAX_LEN}; choose a shorter state_dir")
 
 
 def check_security(settings: config.Settings) -> None:
@@ -260,6 +275,7 @@ def main(config_file, host, port, handlers, executors, state_dir, log_level, rol
                  if v is not None}
     try:
         settings, ini = resolve(config_file, **overrides)
+        check_socket_paths(settings)
         config.ensure_dirs(settings)
         logs.setup("arbiter", settings.log_level,
                    os.path.join(settings.log_dir, "arbiter.log") if settings.log_dir else None,

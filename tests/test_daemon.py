@@ -196,6 +196,16 @@ def test_directory_that_cannot_be_made_is_a_clear_config_error(make_daemon, key)
     assert str(blocker) in done.stderr, done.stderr
 
 
+def test_a_state_dir_too_long_for_its_unix_sockets_is_a_clear_config_error(make_daemon):
+    daemon = make_daemon(start=False)
+    command = daemon.command()
+    at = command.index("--state-dir")
+    command[at + 1] = str(daemon.tmp / ("s" * 100))
+    done = subprocess.run(command, env=daemon.env, cwd=daemon.tmp, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "state_dir" in done.stderr and "too long" in done.stderr, done.stderr
+
+
 def test_config_file_with_only_the_ccexec_section_is_a_clear_config_error(tmp_path):
     partial = tmp_path / "partial.ini"
     partial.write_text(f"[ccexec]\nworkdir = {tmp_path}\n")
