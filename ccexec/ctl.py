@@ -58,6 +58,9 @@ class Daemon:
         from circus.client import CircusClient
         from circus.exc import CallError
 
+        path = self.endpoint.removeprefix("ipc://")
+        if path != self.endpoint and not os.path.exists(path):  # no daemon: no need to wait for an answer
+            raise click.ClickException(f"daemon not reachable at {self.endpoint}: the socket does not exist")
         client = CircusClient(endpoint=self.endpoint, timeout=5)
         try:
             return client.call({"command": command, "properties": props})
