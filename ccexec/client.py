@@ -97,6 +97,7 @@ class Job:
         self.stderr: list[str] = []
         self.outputs: list[dict] = []
         self.completed: dict | None = None
+        self.failure: Exception | None = None  # why no more of the job can come, once events() has raised it
         self.offsets = {"stdout": 0, "stderr": 0}  # where a resume picks up
 
     def _on_event(self, method: str, params: dict) -> None:
@@ -114,11 +115,15 @@ class Job:
     async def events(self, timeout: float | None = None) -> AsyncIterator[dict]:
         """Every notification of this job up to and including process.completed."""
         while True:
+            if self.failure is not None:  # raised again to a later events() or wait(): nothing else will come
+                raise self.failure
             event = await asyncio.wait_for(self.queue.get(), timeout)
             if event["method"] == "connection.lost":
-                raise ConnectionLost(event["params"]["error"])
+                self.failure = ConnectionLost(event["params"]["error"])
+                continue
             if event["method"] == "error":  # the server can send no more of this job (its output is gone)
-                raise RPCError(**{k: event["params"].get(k) for k in ("code", "message", "data")})
+                self.failure = RPCError(**{k: event["params"].get(k) for k in ("code", "message", "data")})
+                continue
             yield event
             if event["method"] == "process.completed":
                 return

@@ -379,3 +379,20 @@ async def test_a_finished_job_is_not_kept_by_its_client(daemon):
         del job
         gc.collect()
         assert gone() is None
+
+
+@async_test(30)
+async def test_a_job_whose_connection_is_lost_says_so_to_every_later_wait():
+    """events() raised ConnectionLost: a wait() after it must raise it too,
+    not wait for an event that was already taken."""
+    async def handler(ws):
+        await _connected_and_started(ws)
+        ws.transport.abort()
+    server, url = await _serve(handler)
+    async with server, Client(url, resume=False) as client:
+        job = await client.execute("sleep 30")
+        with pytest.raises(ConnectionLost):
+            async for _ in job.events(10):
+                pass
+        with pytest.raises(ConnectionLost):
+            await job.wait(10)
