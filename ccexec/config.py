@@ -13,6 +13,7 @@ import math
 import os
 import shlex
 import socket
+import ssl
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -126,6 +127,16 @@ def local_address(host: str, port: int) -> str:
     (an IPv6 address in brackets, as URLs want it)."""
     host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def local_tls_context(tls_cert: str) -> ssl.SSLContext:
+    """What a client on this machine (ccexecctl, the readiness probe) trusts:
+    the daemon's own certificate, with no name check (it is reached on a
+    local address, not the names the certificate is for)."""
+    context = ssl.create_default_context(cafile=tls_cert)
+    context.check_hostname = False
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
 
 
 def read_ini(path: str | None) -> configparser.ConfigParser:

@@ -79,12 +79,7 @@ class Daemon:
 
     def tls_context(self) -> ssl.SSLContext | None:
         """Trust the daemon's own certificate (the address is loopback, so no name check)."""
-        if not self.settings.tls_cert:
-            return None
-        context = ssl.create_default_context(cafile=self.settings.tls_cert)
-        context.check_hostname = False
-        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-        return context
+        return config.local_tls_context(self.settings.tls_cert) if self.settings.tls_cert else None
 
     def connect_kwargs(self) -> dict:
         """TLS and the first bearer token of the daemon's token_file, when it has them."""
@@ -664,33 +659,20 @@ def _print_journal(daemon: Daemon, record: dict) -> None:
     """A job's journals as they are on disk, stdout then stderr, a piece at a time."""
     from ccexec.journal import job_dir
 
-    directory = job_dir(daemon.settings.jobs_dir, record["job_id"])
     for stream, out in (("stdout", sys.stdout.buffer), ("stderr", sys.stderr.buffer)):
+        path = os.path.join(job_dir(daemon.settings.jobs_dir, record["job_id"]), stream)
         try:
-            f = open(os.path.join(directory, stream), "rb")
+            with open(path, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+            out.flush()
         except FileNotFoundError:
             if record.get(f"{stream}_bytes"):
-                raise click.ClickException(f"the job's {stream} is no longer available: "
-                                           f"{os.path.join(directory, stream)} is gone") from None
-            continue  # the job never wrote to this stream
-        except OSError as exc:
-            raise click.ClickException(f"cannot read the job's {stream}: {exc}") from None
-        with f:
-            while True:
-                try:
-                    data = f.read(1 << 20)
-                except OSError as exc:
-                    raise click.ClickException(f"cannot read the job's {stream}: {exc}") from None
-                if not data:
-                    break
-                try:
-                    out.write(data)
-                except BrokenPipeError:
-                    raise OutputClosed from None
-        try:
-            out.flush()
+                raise click.ClickException(f"the job's {stream} is no longer available: {path} is gone") from None
+            # else the job never wrote to this stream
         except BrokenPipeError:
             raise OutputClosed from None
+        except OSError as exc:
+            raise click.ClickException(f"cannot copy the job's {stream}: {exc}") from None
 
 
 def _follow_files(paths: list[str], lines: int, follow: bool) -> None:

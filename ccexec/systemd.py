@@ -17,7 +17,7 @@ import sdnotify
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.ioloop import PeriodicCallback
 
-from ccexec.config import Settings, local_address
+from ccexec.config import Settings, local_address, local_tls_context
 
 TICK_MS = 250
 DEFAULT_WATCHDOG_INTERVAL = 5.0  # seconds, when systemd sets no WATCHDOG_USEC
@@ -41,10 +41,8 @@ class SystemdNotify:
         """Call from the thread that runs the arbiter's loop, before it starts."""
         if not os.environ.get("NOTIFY_SOCKET"):
             return
-        if self.tls_cert:  # trust the daemon's own certificate; the address is loopback, no name check
-            self.ssl_options = ssl.create_default_context(cafile=self.tls_cert)
-            self.ssl_options.check_hostname = False
-            self.ssl_options.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        if self.tls_cert:
+            self.ssl_options = local_tls_context(self.tls_cert)
         self.notifier = sdnotify.SystemdNotifier()
         PeriodicCallback(self.tick, TICK_MS).start()
 
