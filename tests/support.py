@@ -189,6 +189,12 @@ class Daemon:
             return ""
         return "\n".join(text[:text.rfind("\n") + 1].splitlines()[-lines:])
 
+    def run_to_exit(self, *extra: str, command: list[str] | None = None) -> subprocess.CompletedProcess:
+        """Run ccexecd in the foreground until it exits, its output captured:
+        a start it must refuse."""
+        return subprocess.run([*(command or self.command()), *extra], env=self.env, cwd=self.tmp,
+                              capture_output=True, text=True, timeout=60)
+
     def stop(self, timeout: float = 40) -> int:
         """SIGTERM the arbiter; returns its exit status."""
         if self.proc is None or self.proc.poll() is not None:

@@ -160,8 +160,7 @@ def test_port_held_by_another_program_is_reported_with_its_pid_and_name(make_dae
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", daemon.port))
         holder.listen()
-        done = subprocess.run(daemon.command(), env=daemon.env, cwd=daemon.tmp,
-                              capture_output=True, text=True, timeout=30)
+        done = daemon.run_to_exit()
     assert done.returncode != 0
     assert f"PID {os.getpid()}" in done.stderr, done.stderr
     assert "python" in done.stderr.lower(), done.stderr
@@ -190,7 +189,7 @@ def test_directory_that_cannot_be_made_is_a_clear_config_error(make_daemon, key)
     if key == "state_dir":  # from the file, not the command line
         at = command.index("--state-dir")
         del command[at:at + 2]
-    done = subprocess.run(command, env=daemon.env, cwd=daemon.tmp, capture_output=True, text=True, timeout=30)
+    done = daemon.run_to_exit(command=command)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and done.stderr.startswith("ccexecd: "), done.stderr
     assert str(blocker) in done.stderr, done.stderr
@@ -201,7 +200,7 @@ def test_a_state_dir_too_long_for_its_unix_sockets_is_a_clear_config_error(make_
     command = daemon.command()
     at = command.index("--state-dir")
     command[at + 1] = str(daemon.tmp / ("s" * 100))
-    done = subprocess.run(command, env=daemon.env, cwd=daemon.tmp, capture_output=True, text=True, timeout=30)
+    done = daemon.run_to_exit(command=command)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "state_dir" in done.stderr and "too long" in done.stderr, done.stderr
 

@@ -171,7 +171,7 @@ def test_restarting_a_node_brings_its_executors_back_to_the_head(cluster):
 ])
 def test_remote_settings_without_their_keys_refuse_to_start(tmp_path, settings, args, message):
     daemon = Daemon(tmp_path, settings)
-    done = subprocess.run([*daemon.command(), *args], capture_output=True, text=True, timeout=30, env=daemon.env)
+    done = daemon.run_to_exit(*args)
     assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
@@ -251,7 +251,7 @@ def test_a_remote_listen_port_in_use_is_a_clear_error_at_start(tmp_path):
         holder.listen()
         port = holder.getsockname()[1]
         daemon = Daemon(tmp_path / "head", remote_head_settings(f"tcp://127.0.0.1:{port}", keys["head"], clients))
-        done = subprocess.run(daemon.command(), capture_output=True, text=True, timeout=60, env=daemon.env)
+        done = daemon.run_to_exit()
     assert done.returncode == 1, done.stderr
     assert f"127.0.0.1:{port} is already in use by PID {os.getpid()}" in done.stderr
 

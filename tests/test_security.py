@@ -133,15 +133,10 @@ async def test_token_file_changes_are_picked_up_and_a_shared_file_is_refused(mak
         await asyncio.sleep(0.2)
 
 
-def _run_ccexecd(d, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*d.command(), *extra], env=d.env, cwd=d.tmp, capture_output=True,
-                          text=True, timeout=60)
-
-
 def test_ccexecd_refuses_to_listen_beyond_loopback_without_tokens(make_daemon):
     d = make_daemon(start=False)
     for host in ("0.0.0.0", "::", "192.0.2.1"):
-        done = _run_ccexecd(d, "--host", host)
+        done = d.run_to_exit("--host", host)
         assert done.returncode != 0, done.stderr
         assert "without authentication" in done.stderr and "token_file" in done.stderr, done.stderr
     with pytest.raises(OSError):  # nothing was bound
@@ -153,12 +148,12 @@ def test_ccexecd_refuses_to_listen_beyond_loopback_without_tokens(make_daemon):
 def test_ccexecd_refuses_a_token_file_others_may_read(make_daemon, tmp_path):
     path = write_tokens(tmp_path / "tokens", TOKENS, mode=0o640)
     d = make_daemon(start=False, settings={"token_file": path})
-    done = _run_ccexecd(d, "--host", "0.0.0.0")
+    done = d.run_to_exit("--host", "0.0.0.0")
     assert done.returncode != 0 and "chmod 600" in done.stderr, done.stderr
     os.chmod(path, 0o600)
     with open(path, "a") as f:
         f.write("carol\n")  # malformed line
-    done = _run_ccexecd(d)
+    done = d.run_to_exit()
     assert done.returncode != 0 and "line 4" in done.stderr and TOKENS["alice"] not in done.stderr, done.stderr
 
 
@@ -173,7 +168,7 @@ def test_a_token_an_http_header_cannot_carry_is_refused_by_name_not_loaded(make_
     assert policy.parse_tokens("alice " + "A-z_0~9.+/=!#$%&*" * 2).match("A-z_0~9.+/=!#$%&*" * 2) == "alice"
     token = "s\u00e9same-0123456789abcdef"
     d = make_daemon(start=False, settings={"token_file": write_tokens(tmp_path / "tokens", {"alice": token})})
-    done = _run_ccexecd(d)
+    done = d.run_to_exit()
     assert done.returncode != 0 and "line 2" in done.stderr and "printable ASCII" in done.stderr, done.stderr
     assert token not in done.stderr
 

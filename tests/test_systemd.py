@@ -27,21 +27,29 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
     assert "Type=notify" in UNIT.read_text() and "WatchdogSec=" in UNIT.read_text()
 
 
-def test_notify_socket_gets_ready_once_serving_then_periodic_watchdog(make_daemon, tmp_path):
-    notify_path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(notify_path)
-    sock.settimeout(0.2)
-    daemon = make_daemon(start=False, env={"NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "1000000"})
-    messages: list[tuple[float, str]] = []
+class NotifySocket:
+    """A NOTIFY_SOCKET of a test's own: what the daemon tells systemd, and when."""
 
-    def receive():
+    def __init__(self, path: Path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+
+    def receive(self) -> list[tuple[float, str]]:
+        """Every message so far, after waiting up to 0.2 s for one more."""
         try:
-            messages.append((time.monotonic(), sock.recv(4096).decode()))
+            self.messages.append((time.monotonic(), self.sock.recv(4096).decode()))
         except socket.timeout:
             pass
-        return messages
+        return self.messages
 
+
+def test_notify_socket_gets_ready_once_serving_then_periodic_watchdog(make_daemon, tmp_path):
+    notify = NotifySocket(tmp_path / "notify.sock")
+    daemon = make_daemon(start=False, env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"})
+    receive, messages = notify.receive, notify.messages
     try:
         daemon.start()
         wait_for(lambda: any("READY=1" in m for _, m in receive()), 20, 0, "READY=1")
@@ -54,31 +62,19 @@ def test_notify_socket_gets_ready_once_serving_then_periodic_watchdog(make_daemo
         assert daemon.stop() == 0
         wait_for(lambda: any("STOPPING=1" in m for _, m in receive()), 10, 0, "STOPPING=1")
     finally:
-        sock.close()
+        notify.sock.close()
 
 
 def test_notify_socket_gets_ready_from_a_daemon_serving_tls(make_daemon, tmp_path):
     """With tls_cert the port speaks https only: readiness is asked over https."""
     _, cert_path, key_path = self_signed_cert(tmp_path)
-    notify_path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(notify_path)
-    sock.settimeout(0.2)
+    notify = NotifySocket(tmp_path / "notify.sock")
     daemon = make_daemon(start=False, settings={"tls_cert": str(cert_path), "tls_key": str(key_path)},
-                         env={"NOTIFY_SOCKET": notify_path})
+                         env={"NOTIFY_SOCKET": notify.path})
     daemon.ready = lambda: daemon.proc.poll() is None  # plain http gets no answer: READY=1 is the test
-    messages: list[str] = []
-
-    def receive():
-        try:
-            messages.append(sock.recv(4096).decode())
-        except socket.timeout:
-            pass
-        return messages
-
     try:
         daemon.start()
-        wait_for(lambda: any("READY=1" in m for m in receive()), 20, 0, "READY=1")
-        assert f"MAINPID={daemon.proc.pid}" in next(m for m in messages if "READY=1" in m)
+        wait_for(lambda: any("READY=1" in m for _, m in notify.receive()), 20, 0, "READY=1")
+        assert f"MAINPID={daemon.proc.pid}" in next(m for _, m in notify.messages if "READY=1" in m)
     finally:
-        sock.close()
+        notify.sock.close()
