@@ -241,9 +241,9 @@ class Client:
             try:
                 self.ws = await self._open()
                 for job in unfinished:
-                    answer = await self._send("attach", {"job_id": job.job_id, "stdout_offset": job.offsets["stdout"],
-                                                         "stderr_offset": job.offsets["stderr"],
-                                                         "stream_mode": job.stream_mode})
+                    _, answer = await self._request("attach", {
+                        "job_id": job.job_id, "stdout_offset": job.offsets["stdout"],
+                        "stderr_offset": job.offsets["stderr"], "stream_mode": job.stream_mode})
                     answer.add_done_callback(functools.partial(self._attach_answered, job))
             except (OSError, websockets.InvalidHandshake, websockets.ConnectionClosed, asyncio.TimeoutError):
                 continue
@@ -288,9 +288,6 @@ class Client:
         if self.notifications.full():
             self.notifications.get_nowait()
         self.notifications.put_nowait(message)
-
-    async def _send(self, method: str, params: dict | None) -> asyncio.Future:
-        return (await self._request(method, params))[1]
 
     async def _request(self, method: str, params: dict | None) -> tuple[int, asyncio.Future]:
         request_id = next(self._ids)
