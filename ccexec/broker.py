@@ -267,10 +267,13 @@ class Broker:
             self.register_handler(identity, header)
             return
         if peer is None:
+            # This broker restarted, or gave the handler up for lost. It is
+            # asked to register, and its requests are answered all the same:
+            # a client waits for each of them.
             self.ask_to_register(self.frontend, identity)
-            return
-        peer.last_seen = time.monotonic()
-        if kind == bus.HEARTBEAT:
+        else:
+            peer.last_seen = time.monotonic()
+        if kind == bus.HEARTBEAT and peer is not None:
             peer.connections = int(header.get("connections", 0))
             addresses = header.get("addresses")
             peer.addresses = addresses if isinstance(addresses, dict) else {}

@@ -62,6 +62,19 @@ async def test_killed_broker_jobs_finish_and_clients_get_everything(make_daemon)
     assert d.health()["status"] == "healthy"
 
 
+@async_test(60)
+async def test_request_that_reaches_a_new_broker_before_its_handler_registers_is_answered(make_daemon):
+    d = make_daemon()
+    [broker] = d.role_pids("broker")
+    async with Client(d.url) as client:
+        job = await client.execute("echo before")
+        await job.wait(20)
+        os.kill(broker, signal.SIGKILL)
+        wait_for(lambda: d.role_pids("broker") not in ([], [broker]), 10, what="a respawned broker")
+        record = await client.job_status(job.job_id)  # handlers register at their next heartbeat
+    assert (record["state"], record["reason"]) == ("finished", "exit"), record
+
+
 async def _first_output(job) -> None:
     async for event in job.events(timeout=20):
         if event["method"] == "process.output":
