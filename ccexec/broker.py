@@ -15,6 +15,8 @@ import heapq
 import logging
 import os
 import signal
+import sqlite3
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -112,6 +114,7 @@ class Broker:
         self.queue: deque[str] = deque()
         self.held: dict[str, list[str]] = {}  # predecessor -> jobs sequenced after it
         self.pending_controls: dict[str, bytes] = {}  # control ref -> handler
+        self.acks_due: list[tuple[bytes, str]] = []  # (executor, job_id) of completions not yet committed
         self.register_asked: dict[bytes, float] = {}  # unknown peer -> when it was last asked to register
         self.timers: list[tuple[float, str, str]] = []  # (deadline, kind, job_id)
         self.metrics = PoolMetrics()
@@ -166,6 +169,7 @@ class Broker:
             self.send_heartbeats_if_due()
             self.publish_positions()
             self.store.commit()
+            self.send_acks()
             if self.pulse:
                 self.pulse.beat_if_due()
             if self.remote:
@@ -517,13 +521,21 @@ class Broker:
             job = None  # acknowledged, so the node stops telling, and otherwise ignored
         elif job is not None and peer.remote and not self.replica_complete(peer, job, header):
             return  # no ack: the node sends COMPLETED again after the missing output
-        self.to_executor(peer.identity, bus.COMPLETED_ACK, {"job_id": job_id})
+        self.acks_due.append((peer.identity, job_id))
         if job is not None and job.journal_error is not None:
             sizes = job.replica.sizes if job.replica is not None else dict.fromkeys(protocol.STREAMS, 0)
             header = {**header, "reason": "journal_failed", "error": job.journal_error,
                       "stdout_bytes": sizes["stdout"], "stderr_bytes": sizes["stderr"]}
         if job is not None:
             self.finish(job, header)
+
+    def send_acks(self) -> None:
+        """Acknowledge completions once their records are committed: an
+        executor keeps telling what a broker that failed to record it never
+        acknowledged, and the broker started in its place records it."""
+        for identity, job_id in self.acks_due:
+            self.to_executor(identity, bus.COMPLETED_ACK, {"job_id": job_id})
+        self.acks_due.clear()
 
     # ------------------------------------------------------------ remote jobs' journals
 
@@ -814,5 +826,8 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, broker.stop)
     try:
         broker.run()
+    except sqlite3.Error as exc:  # a full or failing disk: Circus starts another broker
+        logs.event(log, "broker.store_failed", logging.CRITICAL, error=exc)
+        sys.exit(1)
     finally:
         ctx.destroy(linger=0)

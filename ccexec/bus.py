@@ -36,7 +36,7 @@ CONTROL_RESULT = b"CONTROL_RESULT"  # {job_id, action, ref, ok, status, error, p
 QUERY_RESULT = b"QUERY_RESULT"  # {ref, record? | records? | error, code, completed?}
 # --- broker -> executor
 DISPATCH = b"DISPATCH"    # {job_id, spec}
-COMPLETED_ACK = b"COMPLETED_ACK"  # {job_id}
+COMPLETED_ACK = b"COMPLETED_ACK"  # {job_id}: the end is recorded; until then the executor tells it again
 RESEND = b"RESEND"        # {job_id, stream, offset}: to an executor node, output the head's replica lacks
 # --- executor -> broker (and forwarded to handlers)
 STARTED = b"STARTED"      # {job_id, pid, pgid, started_at}

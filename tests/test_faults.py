@@ -75,6 +75,38 @@ async def test_request_that_reaches_a_new_broker_before_its_handler_registers_is
     assert (record["state"], record["reason"]) == ("finished", "exit"), record
 
 
+@async_test(90)
+async def test_completion_the_broker_cannot_record_is_recorded_by_the_next_broker(make_daemon, tmp_path):
+    """A broker whose job table cannot be written (a full or failing disk,
+    here a file size limit of one byte) exits, and the executor tells the
+    next broker of the completion it was never acknowledged for."""
+    d = make_daemon()
+    [broker] = d.role_pids("broker")
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    async with Client(d.url) as client:
+        job = await client.execute(f"read word < {go}; echo $word")
+        limits = psutil.Process(broker)
+        limits.rlimit(psutil.RLIMIT_FSIZE, (1, limits.rlimit(psutil.RLIMIT_FSIZE)[1]))
+        with open(go, "w") as fifo:
+            fifo.write("done\n")
+        result = await job.wait(60)
+        wait_for(lambda: d.role_pids("broker") not in ([], [broker]), 10, what="a respawned broker")
+        record = await _finished_record(client, job.job_id)
+    assert (result.reason, result.stdout) == ("exit", "done\n"), result.completed
+    assert (record["state"], record["reason"], record["exit_code"]) == ("finished", "exit", 0), record
+
+
+async def _finished_record(client: Client, job_id: str, timeout: float = 20) -> dict:
+    """job.status once the job is recorded finished (a new broker learns it
+    when the job's executor registers with it)."""
+    deadline = time.monotonic() + timeout
+    while (record := await client.job_status(job_id))["state"] != "finished":
+        assert time.monotonic() < deadline, f"still {record['state']} after {timeout} s"
+        await asyncio.sleep(0.05)
+    return record
+
+
 async def _first_output(job) -> None:
     async for event in job.events(timeout=20):
         if event["method"] == "process.output":
