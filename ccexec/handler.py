@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import http
 import json
@@ -703,6 +704,24 @@ class Handler:
 
     def process_request(self, connection: ServerConnection, request: HttpRequest) -> HttpResponse | None:
         path = request.path.split("?", 1)[0]
+        methods = ("GET",) if path in WS_PATHS else ("GET", "HEAD")
+        if request.method not in methods:
+            response = json_response(http.HTTPStatus.METHOD_NOT_ALLOWED,
+                                     {"error": f"method {request.method} not allowed", "path": path})
+            response.headers["Allow"] = ", ".join(methods)
+            return response
+        response = self.route(connection, request, path)
+        if response is not None and request.method == "HEAD":  # what a GET gets, without its body
+            response = dataclasses.replace(response, body=b"")
+        return response
+
+    def route(self, connection: ServerConnection, request: HttpRequest, path: str) -> HttpResponse | None:
+        if path in WS_PATHS and "websocket" not in " ".join(request.headers.get_all("Upgrade")).lower():
+            # A browser or curl: told in JSON, like every other refusal, before any token is checked.
+            response = json_response(http.HTTPStatus.UPGRADE_REQUIRED, {
+                "error": "this path takes WebSocket connections only", "path": path})
+            response.headers["Upgrade"] = "websocket"
+            return response
         if path in WS_PATHS:
             return self.admit(connection, request)
         if path == "/health":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import uuid
 
 import pytest
@@ -69,6 +70,42 @@ async def test_metrics_count_the_whole_pool_in_prometheus_exposition(make_daemon
 
 def test_unknown_http_path_is_404(daemon):
     assert http_get(daemon.port, "/nope")[0] == 404
+
+
+def _raw_http(port: int, request_line: str, headers: str = "") -> tuple[str, dict, bytes]:
+    """Status line, headers and every byte after them, up to the server's close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"{request_line}\r\nHost: 127.0.0.1\r\n{headers}\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode().split("\r\n")
+    return status, dict(line.split(": ", 1) for line in lines), body
+
+
+def test_head_gets_the_headers_of_a_get_and_no_body(daemon):
+    for path in ("/health", "/ready", "/metrics", "/nope"):
+        get_status, get_headers, get_body = _raw_http(daemon.port, f"GET {path} HTTP/1.1")
+        status, headers, body = _raw_http(daemon.port, f"HEAD {path} HTTP/1.1")
+        assert status == get_status and headers["Content-Type"] == get_headers["Content-Type"], path
+        assert body == b"" and int(headers["Content-Length"]) > 0, (path, body[:100])
+
+
+@pytest.mark.parametrize("method, path, allowed", [
+    ("POST", "/health", "GET, HEAD"), ("DELETE", "/ready", "GET, HEAD"), ("PUT", "/nope", "GET, HEAD"),
+    ("HEAD", "/ws", "GET"), ("POST", "/ws/mcp", "GET")])
+def test_other_methods_are_refused_with_405_and_the_allowed_ones(daemon, method, path, allowed):
+    status, headers, body = _raw_http(daemon.port, f"{method} {path} HTTP/1.1")
+    assert status.split()[1] == "405" and headers["Allow"] == allowed
+    assert json.loads(body) == {"error": f"method {method} not allowed", "path": path}
+
+
+def test_plain_get_of_the_websocket_path_is_told_in_json_to_upgrade(daemon):
+    status, body, headers = http_get(daemon.port, "/ws")
+    assert status == 426 and headers["Upgrade"] == "websocket"
+    assert headers["Content-Type"] == "application/json"
+    assert json.loads(body) == {"error": "this path takes WebSocket connections only", "path": "/ws"}
 
 
 @async_test()
