@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import json
 import logging
 import os
 import signal
@@ -36,6 +37,9 @@ PEER_TIMEOUT = bus.HEARTBEAT_INTERVAL * bus.HEARTBEAT_LIVENESS
 SETTLE_TIME = PEER_TIMEOUT
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 STOP_MARGIN = 3.0  # seconds past kill_grace a stopping broker waits for executors' last reports
+# A stopping broker waits this long to hear whether the executors stop too
+# (they are sent SIGTERM with it when the whole daemon stops).
+STOP_NOTICE_TIME = bus.HEARTBEAT_INTERVAL
 REGISTER_ASK_INTERVAL = 1.0  # seconds
 MAX_RESENDS = 5  # times a remote job's missing output is asked for again before its record is closed
 
@@ -53,6 +57,7 @@ class Peer:
     node: str = ""
     pid: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    stopping: bool = False  # an executor that takes no more jobs: it ends the ones it runs and exits
 
     @property
     def free(self) -> int:
@@ -128,6 +133,7 @@ class Broker:
         self.positions_dirty = False
         self.running = True
         self.pulse = WatchdogPulse(settings.watchdog_port) if settings.watchdog_port else None
+        self.restore_queue()
 
     @staticmethod
     def _bind(ctx: zmq.Context, endpoint: str, send_hwm: int = bus.HIGH_WATER_MARK,
@@ -174,6 +180,7 @@ class Broker:
                 self.pulse.beat_if_due()
             if self.remote:
                 self.remote.allowed.reload_if_changed()
+        self.cancel_queued_if_pool_stops()  # what was submitted while the daemon stopped
         if self.remote:
             self.remote.close()
         self.store.close()
@@ -208,16 +215,38 @@ class Broker:
                 self.metrics.watcher_exited(parts[1])
 
     def stop(self, *_: object) -> None:
-        """SIGTERM: stop taking work; wait (bounded) for executors to report their jobs."""
+        """SIGTERM: dispatch nothing more. If the executors stop too (the
+        whole daemon stops), wait (bounded) for the reports of the jobs they
+        end and cancel the queued ones; if only the broker restarts, running
+        jobs run on and queued ones wait for the broker started in its place."""
         if self.running:
             self.running = False
-            self.stop_deadline = time.monotonic() + self.settings.kill_grace + STOP_MARGIN
-            for job in [j for j in self.jobs.values() if j.state in ("queued", "held")]:
-                self.finish_unstarted(job, "canceled", "the daemon is stopping")
+            now = time.monotonic()
+            self.stop_deadline = now + self.settings.kill_grace + STOP_MARGIN
+            self.stop_noticed_by = now + STOP_NOTICE_TIME
+            self.cancel_queued_if_pool_stops()
+
+    def pool_stops(self) -> bool:
+        """This host's executors all stop (nodes on other hosts live on)."""
+        local = [p for p in self.executors.values() if not p.remote]
+        return not local or all(p.stopping for p in local)
+
+    def cancel_queued_if_pool_stops(self) -> None:
+        if self.running or not self.pool_stops():
+            return
+        for job in [j for j in self.jobs.values() if j.state in ("queued", "held")]:
+            self.finish_unstarted(job, "canceled", "the daemon is stopping")
 
     def drained(self) -> bool:
-        running = any(j.state in ("running", "dispatched") for j in self.jobs.values())
-        return not running or time.monotonic() >= self.stop_deadline
+        """Nothing more to wait for: the executors had time to say whether they
+        stop, and the jobs that stopping ones end are reported."""
+        now = time.monotonic()
+        if now >= self.stop_deadline:
+            return True
+        if now < self.stop_noticed_by and not self.pool_stops():
+            return False
+        running = [j for j in self.jobs.values() if j.state in ("running", "dispatched")]
+        return not any(j.executor in self.executors and self.executors[j.executor].stopping for j in running)
 
     # ------------------------------------------------------------ sending
 
@@ -359,14 +388,32 @@ class Broker:
         self.jobs[job_id] = job
         logs.event(log, "job.accepted", job_id=job_id, client=job.client, token=header.get("token"),
                    name=job.spec.get("name"))
-        predecessor = self.jobs.get(job.after) if job.after else None
-        self.store.accepted(job_id, job.spec, job.client, "held" if predecessor else "queued")
-        if predecessor is not None:
+        self.store.accepted(job_id, job.spec, job.client, "held" if self.waits_for_predecessor(job) else "queued",
+                            job.after)
+        self.queue_or_hold(job)
+
+    def waits_for_predecessor(self, job: Job) -> bool:
+        """Its `after` job has not ended (it may be one a previous broker left, not claimed yet)."""
+        return bool(job.after) and (job.after in self.jobs or job.after in self.unclaimed)
+
+    def queue_or_hold(self, job: Job) -> None:
+        if self.waits_for_predecessor(job):
             job.state = "held"
-            self.held.setdefault(predecessor.job_id, []).append(job_id)
-            self.to_subscribers(job, bus.QUEUED, {"job_id": job_id, "position": None, "after": job.after})
+            self.held.setdefault(job.after, []).append(job.job_id)
+            self.to_subscribers(job, bus.QUEUED, {"job_id": job.job_id, "position": None, "after": job.after})
         else:
             self.enqueue(job)
+
+    def restore_queue(self) -> None:
+        """Jobs a previous broker accepted and had not started: back in the
+        queue, in their order (a handler that submits one again finds it)."""
+        waiting = [r for r in self.unclaimed.values() if r["state"] in ("queued", "held") and r["spec"]]
+        for record in sorted(waiting, key=lambda r: r["created_at"]):
+            del self.unclaimed[record["job_id"]]
+            job = Job(record["job_id"], json.loads(record["spec"]), client=record["client"],
+                      after=record["after"], created_at=record["created_at"])
+            self.jobs[job.job_id] = job
+            self.queue_or_hold(job)
 
     def enqueue(self, job: Job) -> None:
         job.state = "queued"
@@ -434,9 +481,10 @@ class Broker:
         """An executor that stops takes no more jobs (it ends and reports its
         running ones); told so, it knows no DISPATCH follows."""
         logs.event(log, "executor.stopping", executor=peer.identity.decode(errors="replace"), jobs=len(peer.jobs))
-        peer.capacity = 0
+        peer.capacity, peer.stopping = 0, True
         self.to_executor(peer.identity, bus.STOPPING, {})
         self.pool_changed()
+        self.cancel_queued_if_pool_stops()
 
     def declined(self, peer: Peer, job_id: str) -> None:
         """A job dispatched to an executor that was stopping: first in the queue again."""
@@ -444,7 +492,7 @@ class Broker:
         if job is None or job.state != "dispatched" or job.executor != peer.identity:
             return
         peer.jobs.discard(job_id)
-        peer.capacity = 0  # it stops (told a broker before this one, it may not have said so to us)
+        peer.capacity, peer.stopping = 0, True  # told a broker before this one, it may not have said so to us
         job.state, job.executor, job.remote = "queued", None, False
         self.queue.appendleft(job_id)
         self.positions_dirty = True
@@ -659,7 +707,7 @@ class Broker:
         carry their labels; a job no free executor fits waits without holding
         up the jobs behind it."""
         waiting: list[str] = []
-        while self.queue and self.settled and self._free_executor() is not None:
+        while self.queue and self.settled and self.running and self._free_executor() is not None:
             job = self.jobs.get(self.queue.popleft())
             if job is None or job.state != "queued":
                 continue
@@ -755,8 +803,11 @@ class Broker:
             return
         self.settled = True
         self.pool_changed()
-        for job_id in list(self.unclaimed):
+        lost = list(self.unclaimed)
+        for job_id in lost:
             self.lose(self.claim(job_id), "no executor or client claimed it after the broker restarted")
+        logs.event(log, "broker.settled", running=sum(1 for j in self.jobs.values() if j.state == "running"),
+                   queued=len(self.queue), lost=len(lost))
         self.dispatch()
 
     def prune_if_due(self) -> None:

@@ -389,8 +389,9 @@ def restart(ctx: click.Context, graceful: bool, watcher: str | None, timeout: fl
 
     Plain: every watcher is stopped and started again; executors end their
     running jobs on the way (reason "canceled"). --graceful never refuses a
-    connection and never touches a running job: clients of the old handlers
-    are closed with 1012 and reconnect (the Python client resumes by itself).
+    connection and never touches a running or queued job: clients of the old
+    handlers are closed with 1012 and reconnect (the Python client resumes by
+    itself).
     """
     daemon: Daemon = ctx.obj["daemon"]
     require_running(daemon)

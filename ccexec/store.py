@@ -25,7 +25,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     pgid INTEGER, exit_code INTEGER, reason TEXT, error TEXT, client TEXT,
     created_at REAL NOT NULL, started_at REAL, finished_at REAL,
     stdout_bytes INTEGER NOT NULL DEFAULT 0, stderr_bytes INTEGER NOT NULL DEFAULT 0,
-    completed TEXT, node TEXT
+    completed TEXT, node TEXT, spec TEXT, after TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
@@ -46,8 +46,9 @@ class JobStore:
         self.db.execute("PRAGMA busy_timeout=2000")
         self.db.executescript(SCHEMA)
         columns = {row["name"] for row in self.db.execute("PRAGMA table_info(jobs)")}
-        if "node" not in columns:  # a database from before remote executors
-            self.db.execute("ALTER TABLE jobs ADD COLUMN node TEXT")
+        for column in ("node", "spec", "after"):  # a database from before remote executors, or kept queues
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
 
     def close(self) -> None:
         self.commit()
@@ -66,20 +67,23 @@ class JobStore:
         if self.db.in_transaction:
             self.db.execute("COMMIT")
 
-    def accepted(self, job_id: str, spec: dict, client: str | None, state: str) -> None:
+    def accepted(self, job_id: str, spec: dict, client: str | None, state: str, after: str | None = None) -> None:
+        """A new job; its spec is kept until it starts, for a broker started
+        after this one to run it."""
         self._write(
-            "INSERT OR IGNORE INTO jobs (job_id, name, command, state, client, created_at) VALUES (?,?,?,?,?,?)",
-            (job_id, spec.get("name"), describe_command(spec), state, client, time.time()))
+            "INSERT OR IGNORE INTO jobs (job_id, name, command, state, client, created_at, spec, after)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            (job_id, spec.get("name"), describe_command(spec), state, client, time.time(), json.dumps(spec), after))
 
     def started(self, job_id: str, pid: int | None, pgid: int | None, started_at: float | None,
                 node: str | None = None) -> None:
         """node: the executor node's name for a job on another host (whose pgid is not ours to kill)."""
-        self._write("UPDATE jobs SET state='running', pid=?, pgid=?, started_at=?, node=? WHERE job_id=?",
+        self._write("UPDATE jobs SET state='running', pid=?, pgid=?, started_at=?, node=?, spec=NULL WHERE job_id=?",
                         (pid, None if node else pgid, started_at or time.time(), node, job_id))
 
     def finished(self, completed: dict) -> None:
         self._write(
-            "UPDATE jobs SET state='finished', exit_code=?, reason=?, error=?, finished_at=?,"
+            "UPDATE jobs SET state='finished', exit_code=?, reason=?, error=?, finished_at=?, spec=NULL,"
             " stdout_bytes=COALESCE(?, stdout_bytes), stderr_bytes=COALESCE(?, stderr_bytes),"
             " pid=COALESCE(?, pid), completed=? WHERE job_id=?",
             (completed.get("exit_code"), completed.get("reason"), completed.get("error"), time.time(),

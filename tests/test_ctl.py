@@ -22,6 +22,7 @@ import pytest
 import websockets
 
 from ccexec.client import Client
+from ccexec.store import JobStore
 from support import CCEXECD, ROOT, Daemon, async_test, finish, marked_processes, ticker, wait_for
 
 CTL = str(Path(sys.executable).parent / "ccexecctl")
@@ -159,6 +160,62 @@ def test_plain_restart_replaces_every_process_and_cancels_running_jobs(make_daem
     record = wait_for(lambda: (lambda r: r if r["state"] == "finished" else None)(
         json.loads(ctl(d, "--json", "job", job_id).stdout)), 30, 0.3, "the job's record")
     assert record["reason"] in ("canceled", "lost")
+
+
+@pytest.mark.parametrize("restart", [("--graceful",), ("--watcher", "broker")])
+@async_test(120)
+async def test_restart_of_the_broker_keeps_the_queue_in_its_order(make_daemon, tmp_path, restart):
+    d = make_daemon(executors=1, settings={"slots_per_executor": 1})
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    async with Client(d.url) as client:
+        running = await client.execute(f"read word < {go}; echo $word", parallel=True)
+        queued = [await client.execute(f"echo {word}", parallel=True) for word in ("second", "third")]
+        assert running.pid is not None and [job.pid for job in queued] == [None, None]
+        restarted = await asyncio.to_thread(ctl, d, "restart", *restart)
+        with open(go, "w") as fifo:  # the running job ends only now
+            fifo.write("first\n")
+        results = [await job.wait(60) for job in (running, *queued)]
+        records = [await client.job_status(job.job_id) for job in queued]
+    assert restarted.returncode == 0, restarted.stderr
+    assert [(r.reason, r.stdout) for r in results] == [("exit", "first\n"), ("exit", "second\n"),
+                                                       ("exit", "third\n")]
+    assert records[0]["started_at"] < records[1]["started_at"]
+
+
+@async_test(120)
+async def test_restart_of_the_broker_keeps_a_sequenced_job_behind_its_predecessor(make_daemon, tmp_path):
+    """Jobs of one connection run one after another (no `parallel`): across
+    the restart, the second still waits for the first."""
+    d = make_daemon()
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    async with Client(d.url) as client:
+        first = await client.execute(f"read word < {go}; echo $word")
+        second = await client.execute("echo second")
+        assert first.pid is not None and second.pid is None
+        restarted = await asyncio.to_thread(ctl, d, "restart", "--watcher", "broker")
+        await asyncio.to_thread(wait_for, lambda: "broker.settled" in d.log_tail(), 20, 0.1,
+                                "the new broker to take up the jobs")
+        with open(go, "w") as fifo:
+            fifo.write("first\n")
+        results = [await job.wait(60) for job in (first, second)]
+        records = [await client.job_status(job.job_id) for job in (first, second)]
+    assert restarted.returncode == 0, restarted.stderr
+    assert [(r.reason, r.stdout) for r in results] == [("exit", "first\n"), ("exit", "second\n")]
+    assert records[1]["started_at"] >= records[0]["finished_at"]
+
+
+def test_stop_cancels_the_queued_jobs_and_records_it(make_daemon):
+    d = make_daemon(executors=1, settings={"slots_per_executor": 1})
+    running = ctl(d, "run", "--detach", "--", "sleep", "60").stdout.strip()
+    queued = ctl(d, "run", "--detach", "--", "echo", "never").stdout.strip()
+    assert json.loads(ctl(d, "--json", "job", queued).stdout)["state"] == "queued"
+    assert d.stop() == 0
+    records = {job_id: JobStore(str(d.state_dir)).get(job_id) for job_id in (running, queued)}
+    assert (records[running]["state"], records[running]["reason"]) == ("finished", "canceled")
+    assert (records[queued]["state"], records[queued]["reason"], records[queued]["error"]) == (
+        "finished", "canceled", "the daemon is stopping")
 
 
 @async_test(120)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -31,6 +32,18 @@ def _job(store: JobStore, tmp_path, job_id: str, size: int = 0, finished: bool =
 
 def test_database_is_in_wal_mode(store):
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_spec_is_kept_until_the_job_starts_or_ends(store):
+    """A broker started in another's place runs the queued jobs from their
+    spec; a started or finished job needs it no more (it may hold secrets)."""
+    spec = {"command": "echo x", "env": {"API_KEY": "k"}}
+    store.accepted("a" * 32, spec, None, "queued")
+    store.accepted("b" * 32, spec, None, "held", after="a" * 32)
+    assert [(json.loads(r["spec"]), r["after"]) for r in store.unfinished()] == [(spec, None), (spec, "a" * 32)]
+    store.started("a" * 32, 100, 100, time.time())
+    store.finished({"job_id": "b" * 32, "exit_code": -15, "reason": "canceled", "error": None})
+    assert store.get("a" * 32)["spec"] is None and store.get("b" * 32)["spec"] is None
 
 
 def test_record_follows_a_job_through_its_states(store, tmp_path):
