@@ -21,6 +21,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import zmq
 
@@ -119,7 +120,7 @@ class Broker:
         self.queue: deque[str] = deque()
         self.held: dict[str, list[str]] = {}  # predecessor -> jobs sequenced after it
         self.pending_controls: dict[str, bytes] = {}  # control ref -> handler
-        self.acks_due: list[tuple[bytes, str]] = []  # (executor, job_id) of completions not yet committed
+        self.sends_after_commit: list[Callable[[], object]] = []  # what tells of this turn's records
         self.register_asked: dict[bytes, float] = {}  # unknown peer -> when it was last asked to register
         self.timers: list[tuple[float, str, str]] = []  # (deadline, kind, job_id)
         self.metrics = PoolMetrics()
@@ -175,12 +176,14 @@ class Broker:
             self.send_heartbeats_if_due()
             self.publish_positions()
             self.store.commit()
-            self.send_acks()
+            self.send_recorded()
             if self.pulse:
                 self.pulse.beat_if_due()
             if self.remote:
                 self.remote.allowed.reload_if_changed()
         self.cancel_queued_if_pool_stops()  # what was submitted while the daemon stopped
+        self.store.commit()
+        self.send_recorded()
         if self.remote:
             self.remote.close()
         self.store.close()
@@ -569,7 +572,8 @@ class Broker:
             job = None  # acknowledged, so the node stops telling, and otherwise ignored
         elif job is not None and peer.remote and not self.replica_complete(peer, job, header):
             return  # no ack: the node sends COMPLETED again after the missing output
-        self.acks_due.append((peer.identity, job_id))
+        self.sends_after_commit.append(
+            functools.partial(self.to_executor, peer.identity, bus.COMPLETED_ACK, {"job_id": job_id}))
         if job is not None and job.journal_error is not None:
             sizes = job.replica.sizes if job.replica is not None else dict.fromkeys(protocol.STREAMS, 0)
             header = {**header, "reason": "journal_failed", "error": job.journal_error,
@@ -577,13 +581,14 @@ class Broker:
         if job is not None:
             self.finish(job, header)
 
-    def send_acks(self) -> None:
-        """Acknowledge completions once their records are committed: an
-        executor keeps telling what a broker that failed to record it never
-        acknowledged, and the broker started in its place records it."""
-        for identity, job_id in self.acks_due:
-            self.to_executor(identity, bus.COMPLETED_ACK, {"job_id": job_id})
-        self.acks_due.clear()
+    def send_recorded(self) -> None:
+        """A job's end goes to its clients and is acknowledged to its executor
+        once the turn's records are committed. A broker that fails to commit
+        (a full disk) has told nobody, and the executor tells the broker
+        started in its place again."""
+        for send in self.sends_after_commit:
+            send()
+        self.sends_after_commit.clear()
 
     # ------------------------------------------------------------ remote jobs' journals
 
@@ -677,7 +682,7 @@ class Broker:
                    reason=completed.get("reason"), duration=round(duration, 3) if duration else duration,
                    stdout_bytes=completed.get("stdout_bytes"), stderr_bytes=completed.get("stderr_bytes"),
                    error=completed.get("error"))
-        self.to_subscribers(job, bus.COMPLETED, completed)
+        self.sends_after_commit.append(functools.partial(self.to_subscribers, job, bus.COMPLETED, completed))
         for successor in self.held.pop(job.job_id, []):
             if successor in self.jobs:
                 self.enqueue(self.jobs[successor])
