@@ -340,7 +340,8 @@ def ensure_dirs(settings: Settings) -> None:
             Path(path).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot make directory {path}: {exc.strerror}") from None
-    try:
-        os.chmod(settings.run_dir, 0o700)
-    except OSError as exc:
-        raise ConfigError(f"cannot make {settings.run_dir} private: {exc.strerror}") from None
+    for private in (settings.run_dir, settings.jobs_dir):  # sockets; jobs' output
+        try:
+            os.chmod(private, 0o700)
+        except OSError as exc:
+            raise ConfigError(f"cannot make {private} private: {exc.strerror}") from None

@@ -39,7 +39,12 @@ def describe_command(spec: dict) -> str:
 class JobStore:
     def __init__(self, state_dir: str):
         self.jobs_dir = os.path.join(state_dir, "jobs")
-        self.db = sqlite3.connect(os.path.join(state_dir, "jobs.db"), isolation_level=None)
+        path = os.path.join(state_dir, "jobs.db")
+        # Commands and queued jobs' environments: for this user only. SQLite
+        # gives its -wal and -shm files the database file's mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
+        self.db = sqlite3.connect(path, isolation_level=None)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes

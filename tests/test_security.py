@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -155,6 +156,18 @@ def test_ccexecd_refuses_a_token_file_others_may_read(make_daemon, tmp_path):
         f.write("carol\n")  # malformed line
     done = d.run_to_exit()
     assert done.returncode != 0 and "line 4" in done.stderr and TOKENS["alice"] not in done.stderr, done.stderr
+
+
+@async_test()
+async def test_job_records_and_journals_are_private_to_the_daemons_user(make_daemon):
+    d = make_daemon()
+    async with d.client() as client:
+        await (await client.execute("echo secret; echo more >&2")).wait(20)
+    state = d.state_dir
+    private = {path: stat.S_IMODE(path.stat().st_mode) for path in (
+        state / "jobs", *state.glob("jobs.db*"))}
+    assert {path.name for path in private} >= {"jobs", "jobs.db", "jobs.db-wal", "jobs.db-shm"}
+    assert private == {path: 0o700 if path.is_dir() else 0o600 for path in private}
 
 
 def test_a_token_an_http_header_cannot_carry_is_refused_by_name_not_loaded(make_daemon, tmp_path):
