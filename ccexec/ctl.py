@@ -120,20 +120,31 @@ class Daemon:
             return exc.code, json.loads(exc.read() or b"{}")
 
 
+NO_PROCESS = {"rss_mib": None, "uptime": None, "cmdline": None}
+
+
 def _watchers(daemon: Daemon) -> list[dict]:
+    """Each watcher's processes. Their pids come from Circus's `list`: its
+    `stats` also walks their children (the executors' jobs) and fails when
+    one of them ends meanwhile, about one call in seven under load."""
     rows = []
-    names = daemon.call("list").get("watchers", [])
-    for name in sorted(names):
-        info = daemon.call("stats", name=name).get("info", {})
+    for name in sorted(daemon.call("list").get("watchers", [])):
         status = daemon.call("status", name=name).get("status")
-        processes = {pid: proc for pid, proc in info.items() if isinstance(proc, dict)}
-        for pid, proc in sorted(processes.items()):
-            rows.append({"watcher": name, "status": status, "pid": int(pid), "rss_mib": None,
-                         "uptime": round(proc.get("age", 0), 1), "cmdline": proc.get("cmdline")})
-        if not processes:
-            rows.append({"watcher": name, "status": status, "pid": None, "rss_mib": None,
-                         "uptime": None, "cmdline": None})
+        pids = sorted(daemon.call("list", name=name).get("pids", []))
+        rows += [{"watcher": name, "status": status, "pid": pid, **_describe(pid)} for pid in pids]
+        if not pids:
+            rows.append({"watcher": name, "status": status, "pid": None, **NO_PROCESS})
     return rows
+
+
+def _describe(pid: int) -> dict:
+    try:
+        process = psutil.Process(pid)
+        with process.oneshot():
+            return {"rss_mib": round(process.memory_info().rss / 2**20, 1),
+                    "uptime": round(time.time() - process.create_time(), 1), "cmdline": process.name()}
+    except psutil.Error:  # it ended meanwhile
+        return NO_PROCESS
 
 
 def _running(pid: int) -> bool:
@@ -142,13 +153,6 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def _rss_mib(pid: int | None) -> float | None:
-    try:
-        return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
-    except (psutil.Error, TypeError, ValueError):
-        return None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -173,8 +177,6 @@ def status(ctx: click.Context) -> None:
     daemon: Daemon = ctx.obj["daemon"]
     require_running(daemon)
     rows = _watchers(daemon)
-    for row in rows:
-        row["rss_mib"] = _rss_mib(row["pid"])
     if daemon.settings.remote:
         _node_status(ctx, daemon, rows)
         return

@@ -149,6 +149,29 @@ def test_reload_changes_pool_sizes_live(make_daemon):
     assert d.ready()
 
 
+@async_test(120)
+async def test_status_and_restart_see_every_process_while_jobs_come_and_go(make_daemon):
+    d = make_daemon()
+    stop = asyncio.Event()
+
+    async def churn() -> None:
+        async with Client(d.url) as client:
+            while not stop.is_set():
+                await (await client.execute("true", parallel=True)).wait(20)
+    executors, [broker] = sorted(d.role_pids("executor")), d.role_pids("broker")
+    churning = [asyncio.ensure_future(churn()) for _ in range(4)]
+    try:
+        for _ in range(20):
+            status = await asyncio.to_thread(ctl, d, "--json", "status")
+            rows = json.loads(status.stdout)["processes"]
+            assert sorted(r["pid"] for r in rows if r["watcher"] == "executor") == executors
+        restart = await asyncio.to_thread(ctl, d, "--json", "restart", "--watcher", "broker")
+    finally:
+        stop.set()
+        await asyncio.gather(*churning)
+    assert json.loads(restart.stdout)["replaced"] == [broker], restart.stdout
+
+
 def test_plain_restart_replaces_every_process_and_cancels_running_jobs(make_daemon):
     d = make_daemon()
     before = set(d.role_pids("handler") + d.role_pids("broker") + d.role_pids("executor"))
