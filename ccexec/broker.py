@@ -38,9 +38,6 @@ PEER_TIMEOUT = bus.HEARTBEAT_INTERVAL * bus.HEARTBEAT_LIVENESS
 SETTLE_TIME = PEER_TIMEOUT
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 STOP_MARGIN = 3.0  # seconds past kill_grace a stopping broker waits for executors' last reports
-# A stopping broker waits this long to hear whether the executors stop too
-# (they are sent SIGTERM with it when the whole daemon stops).
-STOP_NOTICE_TIME = bus.HEARTBEAT_INTERVAL
 REGISTER_ASK_INTERVAL = 1.0  # seconds
 MAX_RESENDS = 5  # times a remote job's missing output is asked for again before its record is closed
 
@@ -133,6 +130,7 @@ class Broker:
         self.next_heartbeat = 0.0
         self.positions_dirty = False
         self.running = True
+        self.daemon_stopping = False
         self.pulse = WatchdogPulse(settings.watchdog_port) if settings.watchdog_port else None
         self.restore_queue()
 
@@ -181,7 +179,7 @@ class Broker:
                 self.pulse.beat_if_due()
             if self.remote:
                 self.remote.allowed.reload_if_changed()
-        self.cancel_queued_if_pool_stops()  # what was submitted while the daemon stopped
+        self.stop_with_the_pool()  # what was submitted while the daemon stopped
         self.store.commit()
         self.send_recorded()
         if self.remote:
@@ -226,17 +224,24 @@ class Broker:
             self.running = False
             now = time.monotonic()
             self.stop_deadline = now + self.settings.kill_grace + STOP_MARGIN
-            self.stop_noticed_by = now + STOP_NOTICE_TIME
-            self.cancel_queued_if_pool_stops()
+            self.stop_noticed_by = now + bus.STOP_NOTICE_TIME
+            self.stop_with_the_pool()
 
     def pool_stops(self) -> bool:
         """This host's executors all stop (nodes on other hosts live on)."""
         local = [p for p in self.executors.values() if not p.remote]
         return not local or all(p.stopping for p in local)
 
-    def cancel_queued_if_pool_stops(self) -> None:
+    def stop_with_the_pool(self) -> None:
+        """The broker and this host's executors stop: the whole daemon does.
+        Its handlers are told (they let their clients see the jobs end before
+        they close), and the queued jobs are canceled."""
         if self.running or not self.pool_stops():
             return
+        if not self.daemon_stopping:
+            self.daemon_stopping = True
+            for identity in self.handlers:
+                self.to_handler(identity, bus.DAEMON_STOPPING, {})
         for job in [j for j in self.jobs.values() if j.state in ("queued", "held")]:
             self.finish_unstarted(job, "canceled", "the daemon is stopping")
 
@@ -487,7 +492,7 @@ class Broker:
         peer.capacity, peer.stopping = 0, True
         self.to_executor(peer.identity, bus.STOPPING, {})
         self.pool_changed()
-        self.cancel_queued_if_pool_stops()
+        self.stop_with_the_pool()
 
     def declined(self, peer: Peer, job_id: str) -> None:
         """A job dispatched to an executor that was stopping: first in the queue again."""

@@ -34,6 +34,7 @@ QUEUED = b"QUEUED"        # {job_id, position, after}
 REJECTED = b"REJECTED"    # {job_id, code, message, data}
 CONTROL_RESULT = b"CONTROL_RESULT"  # {job_id, action, ref, ok, status, error, pid, pgid}
 QUERY_RESULT = b"QUERY_RESULT"  # {ref, record? | records? | error, code, completed?}
+DAEMON_STOPPING = b"DAEMON_STOPPING"  # {}: the broker and every executor stop, not a handler alone
 # --- broker -> executor
 DISPATCH = b"DISPATCH"    # {job_id, spec}
 COMPLETED_ACK = b"COMPLETED_ACK"  # {job_id}: the end is recorded; until then the executor tells it again
@@ -53,6 +54,9 @@ REREGISTER = b"REREGISTER"  # broker to an unknown peer: send READY again
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats on both faces
 HEARTBEAT_LIVENESS = 3    # missed heartbeats before a peer counts as dead
+# How long a stopping broker or handler waits to hear whether the whole
+# daemon stops (Circus sends every process SIGTERM at once) or it alone.
+STOP_NOTICE_TIME = HEARTBEAT_INTERVAL
 HIGH_WATER_MARK = 1000    # queued messages per peer before EAGAIN
 # Wherever output flows (executor -> broker, broker -> handler data): up to
 # 256 KiB a message, so at most 4 MiB queued per side and peer. A peer that

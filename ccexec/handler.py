@@ -24,6 +24,7 @@ import time
 import uuid
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import zmq
 import zmq.asyncio
@@ -40,12 +41,16 @@ log = logging.getLogger("ccexec.handler")
 
 WS_PATHS = ("/ws", "/ws/mcp")
 INLINE_LIMIT = 4 << 20  # bytes of live output held per stream before the journal takes over
-# Seconds at most a stopping handler waits for handshakes it accepted; with
-# CLOSE_TIMEOUT, within the handler watcher's graceful_timeout (5 s).
+# Seconds at most a stopping handler waits for handshakes it accepted and
+# then, if the whole daemon stops, for its clients' jobs to end (kill_grace
+# plus this margin); with CLOSE_TIMEOUT, all within the handler watcher's
+# graceful_timeout (15 s) at the default kill_grace.
 HANDSHAKE_GRACE = 1.5
-HANDSHAKE_CHECK = 0.02  # seconds between its checks of them
+JOB_END_MARGIN = 3.0
+STOP_CHECK = 0.02  # seconds between its checks of either
 CLOSE_TIMEOUT = 3.0
-CLOSE_SERVICE_RESTART = 1012
+CLOSE_SERVICE_RESTART = 1012  # reconnect: the daemon goes on
+CLOSE_GOING_AWAY = 1001  # the daemon stops
 # A send to a client that keeps up never suspends: after this many messages
 # a pump lets handshakes and other connections have the loop.
 YIELD_EVERY = 32
@@ -535,6 +540,7 @@ class Handler:
         self.started = time.time()
         self.io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="journal-read")
         self.stopping = asyncio.Event()
+        self.daemon_stopping = asyncio.Event()  # the broker said the whole daemon stops
         self.command_policy = policy.CommandPolicy(settings.command_allow, settings.command_deny,
                                                    settings.allow_shell)
         self.tokens: policy.Tokens = policy.Tokens()  # loaded in run(); empty refuses everyone
@@ -601,6 +607,8 @@ class Handler:
             self.stats_received.set()
         elif kind == bus.REREGISTER:
             self.register()
+        elif kind == bus.DAEMON_STOPPING:
+            self.daemon_stopping.set()
         elif kind in (bus.CONTROL_RESULT, bus.QUERY_RESULT):
             future = self.asked.get(header.get("ref"))
             if future is not None and not future.done():
@@ -797,20 +805,39 @@ class Handler:
     async def hand_over(self, listener: socket.socket) -> None:
         """Stop gracefully: accept nothing more (the other handlers, sharing the
         socket, take new connections), let handshakes in flight complete, then
-        close every connection with 1012 so clients reconnect and attach."""
+        close every connection with 1012 so clients reconnect and attach. If
+        the whole daemon stops, first let the clients see their jobs end
+        (canceled), and close with 1001: there is nothing to reconnect to."""
         # The listening socket only leaves this loop; the server keeps serving,
         # since websockets answers 503 "shutting down" to any handshake that
         # ends after its server was closed.
         loop = asyncio.get_running_loop()
         loop.remove_reader(listener.fileno())
         logs.event(log, "handler.stopping", pid=os.getpid(), connections=len(self.sessions))
-        deadline = loop.time() + HANDSHAKE_GRACE
-        while self.handshakes_in_flight() and loop.time() < deadline:
-            await asyncio.sleep(HANDSHAKE_CHECK)
-        closing = [asyncio.ensure_future(s.ws.close(CLOSE_SERVICE_RESTART, "service restart"))
-                   for s in list(self.sessions)]
+        await self.wait_while(self.handshakes_in_flight, HANDSHAKE_GRACE)
+        code, reason = CLOSE_SERVICE_RESTART, "service restart"
+        if await self.daemon_stops():
+            await self.wait_while(lambda: any(s.jobs for s in self.sessions),
+                                  self.settings.kill_grace + JOB_END_MARGIN)
+            code, reason = CLOSE_GOING_AWAY, "the daemon is stopping"
+        closing = [asyncio.ensure_future(s.ws.close(code, reason)) for s in list(self.sessions)]
         if closing:
             await asyncio.wait(closing, timeout=CLOSE_TIMEOUT)
+
+    async def daemon_stops(self) -> bool:
+        """Whether the whole daemon stops, not this handler alone: the broker
+        says so once every executor stops too."""
+        try:
+            await asyncio.wait_for(self.daemon_stopping.wait(), bus.STOP_NOTICE_TIME)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    @staticmethod
+    async def wait_while(condition: Callable[[], object], timeout: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while condition() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(STOP_CHECK)
 
     # -- tokens: the file is checked for changes off the loop
 

@@ -229,6 +229,20 @@ async def test_restart_of_the_broker_keeps_a_sequenced_job_behind_its_predecesso
     assert records[1]["started_at"] >= records[0]["finished_at"]
 
 
+def test_run_that_the_daemon_stops_under_says_so_and_exits_as_canceled(make_daemon):
+    d = make_daemon()
+    run = subprocess.Popen([CTL, "--state-dir", str(d.state_dir), "run", "--", "sh", "-c", "echo started; sleep 100"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout.readline() == "started\n"
+        assert d.stop() == 0
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 128 + signal.SIGTERM and err == "ccexecctl: the daemon is stopping\n", (out, err)
+
+
 def test_stop_cancels_the_queued_jobs_and_records_it(make_daemon):
     d = make_daemon(executors=1, settings={"slots_per_executor": 1})
     running = ctl(d, "run", "--detach", "--", "sleep", "60").stdout.strip()
