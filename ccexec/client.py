@@ -11,7 +11,9 @@
 
 A dropped connection is resumed by itself: the client reconnects (bounded
 by its RetryPolicy) and `attach`es every unfinished job from the byte
-offsets it has, so each job's output arrives exactly once, in order.
+offsets it has, so each job's output arrives exactly once, in order. It
+reconnects with no job running too, and a request made meanwhile is sent
+on the new connection.
 """
 
 from __future__ import annotations
@@ -158,6 +160,10 @@ class Client:
         self._early: dict[str, list[tuple[str, dict]]] = {}  # events that beat their job's response
         self._reader: asyncio.Task | None = None
         self._delays = None  # what is left of the retry policy while resumes fail in a row
+        # Resolved once the reader is done with the current connection (it
+        # resumed it, or gave up): a request that found it closed goes on
+        # with the next one.
+        self._ws_replaced: asyncio.Future | None = None
         self.notifications: asyncio.Queue[dict] = asyncio.Queue(NOTIFICATIONS_KEPT)  # heartbeats and the like
 
     async def __aenter__(self) -> "Client":
@@ -168,8 +174,16 @@ class Client:
         await self.close()
 
     async def connect(self) -> None:
-        self.ws = await self._open()
+        self._use(await self._open())
         self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    def _use(self, ws: ClientConnection | None) -> None:
+        """Send on ws from now on (None: no connection will follow)."""
+        replaced = self._ws_replaced
+        if ws is not None:
+            self.ws, self._ws_replaced = ws, asyncio.get_running_loop().create_future()
+        if replaced is not None and not replaced.done():
+            replaced.set_result(None)
 
     async def _open(self) -> ClientConnection:
         return await websockets.connect(self.url, open_timeout=self.open_timeout,
@@ -182,12 +196,14 @@ class Client:
         if self._reader is not None:
             self._reader.cancel()  # it may be waiting to retry a lost connection
             await asyncio.gather(self._reader, return_exceptions=True)
+        self._use(None)
 
     async def _read(self) -> None:
         try:
             await self._read_frames()
         except Exception as exc:  # never end without a word to those who wait
             self._fail_pending()
+            self._use(None)
             for job in [job for job in self._jobs.values() if job.completed is None]:
                 job.queue.put_nowait({"method": "connection.lost", "params": {"error": f"client failed: {exc!r}"}})
             raise
@@ -205,10 +221,13 @@ class Client:
             except websockets.ConnectionClosed:
                 pass
             self._fail_pending()
-            unfinished = [job for job in self._jobs.values() if job.completed is None]
-            if self._closing or not unfinished:
+            if self._closing:
                 return
+            # Resumed with no unfinished job too: a restarting handler (1012)
+            # is no reason for the next request to fail.
+            unfinished = [job for job in self._jobs.values() if job.completed is None]
             if not (self.resume and await self._resume(unfinished)):
+                self._use(None)
                 for job in unfinished:
                     job.queue.put_nowait({"method": "connection.lost",
                                           "params": {"error": f"connection to {self.url} lost"}})
@@ -239,15 +258,17 @@ class Client:
         for delay in self._delays:  # not renewed until an attach is answered
             await asyncio.sleep(delay)
             try:
-                self.ws = await self._open()
+                self._use(await self._open())
                 for job in unfinished:
                     _, answer = await self._request("attach", {
                         "job_id": job.job_id, "stdout_offset": job.offsets["stdout"],
-                        "stderr_offset": job.offsets["stderr"], "stream_mode": job.stream_mode})
+                        "stderr_offset": job.offsets["stderr"], "stream_mode": job.stream_mode}, resumed=False)
                     answer.add_done_callback(functools.partial(self._attach_answered, job))
             except (OSError, websockets.InvalidHandshake, websockets.ConnectionClosed, asyncio.TimeoutError):
                 continue
             self.reconnects += 1
+            if not unfinished:
+                self._delays = None  # nothing to attach: resumed once open
             return True
         self._delays = None
         return False
@@ -289,13 +310,21 @@ class Client:
             self.notifications.get_nowait()
         self.notifications.put_nowait(message)
 
-    async def _request(self, method: str, params: dict | None) -> tuple[int, asyncio.Future]:
+    async def _request(self, method: str, params: dict | None, resumed: bool = True) -> tuple[int, asyncio.Future]:
+        """Send a request; resumed: if the connection dropped, on the one the reader resumes."""
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
+        message = json.dumps({"jsonrpc": "2.0", "method": method, "params": params or {}, "id": request_id})
+        ws, replaced = self.ws, self._ws_replaced
         try:
-            await self.ws.send(json.dumps({"jsonrpc": "2.0", "method": method, "params": params or {},
-                                           "id": request_id}))
+            try:
+                await ws.send(message)
+            except websockets.ConnectionClosed:
+                if not resumed or self._closing or not self.resume:
+                    raise
+                await replaced
+                await self.ws.send(message)
         except BaseException:
             self._pending.pop(request_id, None)
             raise

@@ -162,6 +162,21 @@ async def test_killed_handler_client_resumes_with_every_byte_once(make_daemon):
     assert offsets == sorted(set(offsets))  # no byte twice
 
 
+@pytest.mark.parametrize("drop", ["kill -9", "1012"])
+@async_test(90)
+async def test_client_with_no_job_running_keeps_working_when_its_handler_goes(make_daemon, drop):
+    """An orchestrator's next task must not fail because the handler its
+    idle connection was on was killed or restarted (close code 1012)."""
+    d = make_daemon()
+    async with Client(d.url) as client:
+        assert (await (await client.execute("echo one")).wait(20)).stdout == "one\n"
+        [served_by] = [pid for pid in d.role_pids("handler") if _serves(pid, client)]
+        os.kill(served_by, signal.SIGKILL if drop == "kill -9" else signal.SIGTERM)
+        await asyncio.wait_for(client.ws.wait_closed(), 20)
+        assert (await (await client.execute("echo two")).wait(20)).stdout == "two\n"
+    assert client.reconnects == 1
+
+
 def _serves(pid: int, client: Client) -> bool:
     """Whether handler `pid` holds the server end of the client's connection."""
     local = client.ws.local_address[:2]
