@@ -33,6 +33,10 @@ DEFAULT_URL = "ws://127.0.0.1:8004/ws"
 # request): past this the oldest go, so a client nobody reads them from does
 # not grow without end.
 NOTIFICATIONS_KEPT = 1000
+# A ccexec handler that restarts (1012) or a daemon that stops (1001) answers
+# every request it read before it closes: one it did not answer, it did not
+# carry out either, and it is sent again on the resumed connection.
+CLOSES_AFTER_ANSWERING = (1001, 1012)
 
 
 class ConnectionLost(ConnectionError):
@@ -156,6 +160,7 @@ class Client:
         self.session: dict | None = None
         self._ids = itertools.count(1)
         self._pending: dict[Any, asyncio.Future] = {}
+        self._resendable: dict[Any, str] = {}  # the messages of pending requests, by id
         self._jobs: dict[str, Job] = {}
         self._early: dict[str, list[tuple[str, dict]]] = {}  # events that beat their job's response
         self._reader: asyncio.Task | None = None
@@ -220,13 +225,14 @@ class Client:
                         continue  # not a message of this protocol: skipped, as the server skips bad requests
             except websockets.ConnectionClosed:
                 pass
-            self._fail_pending()
+            self._fail_pending(resendable_too=self._closing or self.ws.close_code not in CLOSES_AFTER_ANSWERING)
             if self._closing:
                 return
             # Resumed with no unfinished job too: a restarting handler (1012)
             # is no reason for the next request to fail.
             unfinished = [job for job in self._jobs.values() if job.completed is None]
             if not (self.resume and await self._resume(unfinished)):
+                self._fail_pending()
                 self._use(None)
                 for job in unfinished:
                     job.queue.put_nowait({"method": "connection.lost",
@@ -245,11 +251,17 @@ class Client:
         else:
             self._delays = None  # resumed: a later drop gets the whole retry policy again
 
-    def _fail_pending(self) -> None:
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(ConnectionError("connection closed"))
-        self._pending.clear()
+    def _fail_pending(self, resendable_too: bool = True) -> None:
+        """Fail the requests still waiting for an answer (but those to be sent again)."""
+        for request_id, future in list(self._pending.items()):
+            if resendable_too or request_id not in self._resendable:
+                self._forget(request_id)
+                if not future.done():
+                    future.set_exception(ConnectionError("connection closed"))
+
+    def _forget(self, request_id: Any) -> asyncio.Future | None:
+        self._resendable.pop(request_id, None)
+        return self._pending.pop(request_id, None)
 
     async def _resume(self, unfinished: list[Job]) -> bool:
         """Reconnect and attach each unfinished job where its output stopped."""
@@ -259,6 +271,8 @@ class Client:
             await asyncio.sleep(delay)
             try:
                 self._use(await self._open())
+                for request_id in sorted(self._resendable):
+                    await self.ws.send(self._resendable[request_id])
                 for job in unfinished:
                     _, answer = await self._request("attach", {
                         "job_id": job.job_id, "stdout_offset": job.offsets["stdout"],
@@ -281,7 +295,7 @@ class Client:
     def _dispatch(self, message: dict) -> None:
         if "id" in message and ("result" in message or "error" in message):
             if message["id"] is not None:  # an answer: to a request still awaited, or to one given up
-                future = self._pending.pop(message["id"], None)
+                future = self._forget(message["id"])
                 if future is not None and not future.done():
                     future.set_result(message)
             elif (job := self._job_of_error(message)) is not None:
@@ -311,31 +325,39 @@ class Client:
         self.notifications.put_nowait(message)
 
     async def _request(self, method: str, params: dict | None, resumed: bool = True) -> tuple[int, asyncio.Future]:
-        """Send a request; resumed: if the connection dropped, on the one the reader resumes."""
+        """Send a request; resumed: kept to be sent again on the connection the
+        reader resumes, should this one drop before it is answered."""
         request_id = next(self._ids)
-        future = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
         message = json.dumps({"jsonrpc": "2.0", "method": method, "params": params or {}, "id": request_id})
+        future = self._register(request_id, message if resumed else None)
         ws, replaced = self.ws, self._ws_replaced
         try:
             try:
                 await ws.send(message)
-            except websockets.ConnectionClosed:
+            except websockets.ConnectionClosed:  # never sent
                 if not resumed or self._closing or not self.resume:
                     raise
-                await replaced
-                await self.ws.send(message)
+                await replaced  # the reader resumes the connection, or gives up
+                if request_id not in self._resendable:  # failed with the old connection, not sent again
+                    future = self._register(request_id, message)
+                    await self.ws.send(message)
         except BaseException:
-            self._pending.pop(request_id, None)
+            self._forget(request_id)
             raise
         return request_id, future
+
+    def _register(self, request_id: int, resendable: str | None) -> asyncio.Future:
+        future = self._pending[request_id] = asyncio.get_running_loop().create_future()
+        if resendable is not None:
+            self._resendable[request_id] = resendable
+        return future
 
     async def call(self, method: str, params: dict | None = None, timeout: float | None = 30) -> Any:
         request_id, future = await self._request(method, params)
         try:
             answer = await asyncio.wait_for(future, timeout)
         finally:
-            self._pending.pop(request_id, None)  # given up (a timeout, a cancel): its late answer is dropped
+            self._forget(request_id)  # given up (a timeout, a cancel): its late answer is dropped
         if "error" in answer:
             error = answer["error"]
             raise RPCError(error["code"], error["message"], error.get("data"))

@@ -41,11 +41,12 @@ log = logging.getLogger("ccexec.handler")
 
 WS_PATHS = ("/ws", "/ws/mcp")
 INLINE_LIMIT = 4 << 20  # bytes of live output held per stream before the journal takes over
-# Seconds at most a stopping handler waits for handshakes it accepted and
-# then, if the whole daemon stops, for its clients' jobs to end (kill_grace
-# plus this margin); with CLOSE_TIMEOUT, all within the handler watcher's
-# graceful_timeout (15 s) at the default kill_grace.
+# Seconds at most a stopping handler waits for handshakes it accepted, for
+# answers to requests it read, and, if the whole daemon stops, for its
+# clients' jobs to end (kill_grace plus a margin); with CLOSE_TIMEOUT, all
+# within the handler watcher's graceful_timeout (15 s) at the default kill_grace.
 HANDSHAKE_GRACE = 1.5
+ANSWER_GRACE = 3.0  # for the answers to requests read before the close began
 JOB_END_MARGIN = 3.0
 STOP_CHECK = 0.02  # seconds between its checks of either
 CLOSE_TIMEOUT = 3.0
@@ -286,6 +287,10 @@ class Session:
         self.last_sent = time.monotonic()
         self.client = "%s:%s" % ws.remote_address[:2] if ws.remote_address else "-"
         self.token_name = handler.admitted.get(ws, (None, None))[1]
+        # Once set, frames read are not carried out: the close that follows
+        # tells the client that every request it has no answer to may be sent again.
+        self.closing = handler.closing_sessions
+        self.handling = False  # a request is being carried out
         rate = handler.settings.max_requests_per_second
         self.bucket = policy.TokenBucket(rate, policy.burst_for(rate, handler.settings.request_burst),
                                          time.monotonic()) if rate > 0 else None
@@ -293,6 +298,10 @@ class Session:
     async def send(self, text: str) -> None:
         self.last_sent = time.monotonic()
         await self.ws.send(text)
+
+    def answering(self) -> bool:
+        """A request read before the close began still awaits its answer."""
+        return self.handling or any(not j.responded or j.notices or j.controls for j in self.jobs.values())
 
     async def send_frames(self, messages: list[bytes]) -> None:
         """Text messages (UTF-8 bytes) in one write with one flow-control
@@ -541,6 +550,7 @@ class Handler:
         self.io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="journal-read")
         self.stopping = asyncio.Event()
         self.daemon_stopping = asyncio.Event()  # the broker said the whole daemon stops
+        self.closing_sessions = False
         self.command_policy = policy.CommandPolicy(settings.command_allow, settings.command_deny,
                                                    settings.allow_shell)
         self.tokens: policy.Tokens = policy.Tokens()  # loaded in run(); empty refuses everyone
@@ -779,7 +789,11 @@ class Handler:
         try:
             await session.send(protocol.connected(session.session_id, __version__))
             async for frame in ws:
+                if session.closing:
+                    continue
+                session.handling = True
                 await session.handle_frame(frame)
+                session.handling = False
         except ConnectionClosed:
             pass
         finally:
@@ -804,10 +818,11 @@ class Handler:
 
     async def hand_over(self, listener: socket.socket) -> None:
         """Stop gracefully: accept nothing more (the other handlers, sharing the
-        socket, take new connections), let handshakes in flight complete, then
-        close every connection with 1012 so clients reconnect and attach. If
-        the whole daemon stops, first let the clients see their jobs end
-        (canceled), and close with 1001: there is nothing to reconnect to."""
+        socket, take new connections), let handshakes in flight complete,
+        answer every request read so far and carry out none read after, then
+        close every connection with 1012 so clients reconnect, attach and send
+        again what had no answer. If the whole daemon stops, first let the
+        clients see their jobs end (canceled), and close with 1001."""
         # The listening socket only leaves this loop; the server keeps serving,
         # since websockets answers 503 "shutting down" to any handshake that
         # ends after its server was closed.
@@ -815,6 +830,10 @@ class Handler:
         loop.remove_reader(listener.fileno())
         logs.event(log, "handler.stopping", pid=os.getpid(), connections=len(self.sessions))
         await self.wait_while(self.handshakes_in_flight, HANDSHAKE_GRACE)
+        self.closing_sessions = True
+        for session in self.sessions:
+            session.closing = True
+        await self.wait_while(lambda: any(s.answering() for s in self.sessions), ANSWER_GRACE)
         code, reason = CLOSE_SERVICE_RESTART, "service restart"
         if await self.daemon_stops():
             await self.wait_while(lambda: any(s.jobs for s in self.sessions),

@@ -292,6 +292,41 @@ async def test_graceful_restart_during_streaming_jobs_refuses_nobody_loses_nothi
           f"{sum(c.reconnects for c in (a, b, c))} client resumes")
 
 
+@async_test(120)
+async def test_graceful_restart_under_a_stream_of_executes_answers_each_and_runs_each_once(make_daemon):
+    """A request in flight when a handler closes its connection is either
+    answered before the close or not carried out and sent again: no client
+    sees an error, and no job runs that its client does not know of."""
+    d = make_daemon()
+    known, failures = [], []
+    stop = asyncio.Event()
+
+    async def client_loop(n: int) -> None:
+        async with Client(d.url) as client:
+            for i in range(400):
+                if stop.is_set():
+                    return
+                try:
+                    job = await client.execute(f"echo {n}-{i}")
+                    known.append(job.job_id)
+                    assert (await job.wait(30)).stdout == f"{n}-{i}\n"
+                except Exception as exc:
+                    failures.append(repr(exc))
+    clients = [asyncio.ensure_future(client_loop(n)) for n in range(8)]
+    try:
+        await asyncio.to_thread(wait_for, lambda: len(known) > 50, 30, 0.05, "jobs before the restart")
+        restart = await asyncio.to_thread(ctl, d, "restart", "--graceful")
+        count = len(known)
+        await asyncio.to_thread(wait_for, lambda: len(known) > count + 50, 30, 0.05, "jobs after it")
+    finally:
+        stop.set()
+        await asyncio.gather(*clients)
+    assert restart.returncode == 0, restart.stderr
+    assert not failures, failures[:5]
+    recorded = {row["job_id"] for row in JobStore(str(d.state_dir)).db.execute("SELECT job_id FROM jobs")}
+    assert recorded == set(known)
+
+
 def test_reload_of_a_daemon_whose_state_dir_came_from_systemd(make_daemon, tmp_path):
     """Under systemd the state directory comes from $STATE_DIRECTORY, which
     ccexecctl, run from a shell, does not have."""
