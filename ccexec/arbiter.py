@@ -10,6 +10,7 @@ watchdog plugin, and runs until SIGTERM/SIGINT stops them all.
 from __future__ import annotations
 
 import configparser
+import functools
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from ccexec import __version__, bus, config, leftovers, logs, policy, remote
 from ccexec.systemd import SystemdNotify
 
 log = logging.getLogger("ccexec.arbiter")
+STOP_RETRY_DELAY = 0.1  # seconds between tries of a stop Circus is too busy to take
 
 
 class PortHeld(Exception):
@@ -240,6 +242,18 @@ class _ShutdownRaceFilter(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], ConflictError))
 
 
+def stop_once_free(arbiter) -> None:
+    """SIGTERM or SIGINT. Circus drops a stop that comes while it carries out
+    another command (a reload: `systemctl reload` then `stop`) with a
+    ConflictError, and the daemon would run on; it is tried until taken."""
+    from circus.exc import ConflictError
+
+    try:
+        arbiter.stop()
+    except ConflictError:
+        arbiter.loop.call_later(STOP_RETRY_DELAY, stop_once_free, arbiter)
+
+
 def run_circus(path: str, settings: config.Settings) -> int:
     from circus.arbiter import Arbiter
     from circus.util import check_future_exception_and_log
@@ -249,6 +263,7 @@ def run_circus(path: str, settings: config.Settings) -> int:
     notify = SystemdNotify(settings)
     notify.start()
     arbiter = Arbiter.load_from_config(path)
+    arbiter.ctrl.sys_hdl.quit = functools.partial(arbiter.loop.add_callback_from_signal, stop_once_free, arbiter)
     future = arbiter.start()
     notify.stopping()
     return 1 if check_future_exception_and_log(future) is not None else 0

@@ -243,6 +243,15 @@ def test_run_that_the_daemon_stops_under_says_so_and_exits_as_canceled(make_daem
     assert run.returncode == 128 + signal.SIGTERM and err == "ccexecctl: the daemon is stopping\n", (out, err)
 
 
+def test_stop_that_comes_during_a_reload_is_carried_out_after_it(make_daemon):
+    """`systemctl reload` then `systemctl stop`: Circus refuses a stop while
+    it reloads; the daemon must stop all the same, not run on."""
+    d = make_daemon()
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "Got signal SIG_HUP" in d.log_tail(), 10, what="the reload to begin")
+    assert d.stop() == 0
+
+
 def test_stop_cancels_the_queued_jobs_and_records_it(make_daemon):
     d = make_daemon(executors=1, settings={"slots_per_executor": 1})
     running = ctl(d, "run", "--detach", "--", "sleep", "60").stdout.strip()
