@@ -633,6 +633,7 @@ class Executor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.keep_running)
         pulse = WatchdogPulse(self.settings.watchdog_port) if self.settings.watchdog_port else None
         if self.settings.remote:  # a killed executor's jobs: nobody else on this host would end them
             await self.in_thread(leftovers.reap_node_orphans, self.settings.jobs_dir)
@@ -647,6 +648,11 @@ class Executor:
         await self.shutdown()
         for task in background:
             task.cancel()
+
+    def keep_running(self) -> None:
+        """SIGHUP, Circus's reload (`systemctl reload`): the jobs run on; new
+        [ccexec] settings reach the executor when it restarts."""
+        logs.event(log, "executor.reload_skipped", pid=os.getpid(), jobs=len(self.jobs))
 
     async def shutdown(self) -> None:
         """Stop: end every running job's tree and report it."""

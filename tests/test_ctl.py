@@ -243,6 +243,26 @@ def test_run_that_the_daemon_stops_under_says_so_and_exits_as_canceled(make_daem
     assert run.returncode == 128 + signal.SIGTERM and err == "ccexecctl: the daemon is stopping\n", (out, err)
 
 
+@async_test(120)
+async def test_sighup_reloads_handlers_and_broker_and_leaves_running_jobs_alone(make_daemon, tmp_path):
+    """`systemctl reload` (ExecReload sends ccexecd SIGHUP)."""
+    d = make_daemon()
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    async with Client(d.url) as client:
+        job = await client.execute(f"read word < {go}; echo $word")
+        handlers, brokers, executors = (set(d.role_pids(role)) for role in ("handler", "broker", "executor"))
+        d.proc.send_signal(signal.SIGHUP)
+        await asyncio.to_thread(wait_for, lambda: not (set(d.role_pids("handler")) & handlers) and not (
+            set(d.role_pids("broker")) & brokers) and "executor.reload_skipped" in d.log_tail(), 30, 0.1,
+                                "new handlers and broker")
+        with open(go, "w") as fifo:
+            fifo.write("kept\n")
+        result = await job.wait(60)
+    assert (result.reason, result.stdout) == ("exit", "kept\n"), result.completed
+    assert set(d.role_pids("executor")) == executors
+
+
 def test_stop_that_comes_during_a_reload_is_carried_out_after_it(make_daemon):
     """`systemctl reload` then `systemctl stop`: Circus refuses a stop while
     it reloads; the daemon must stop all the same, not run on."""
