@@ -287,9 +287,6 @@ class Session:
         self.last_sent = time.monotonic()
         self.client = "%s:%s" % ws.remote_address[:2] if ws.remote_address else "-"
         self.token_name = handler.admitted.get(ws, (None, None))[1]
-        # Once set, frames read are not carried out: the close that follows
-        # tells the client that every request it has no answer to may be sent again.
-        self.closing = handler.closing_sessions
         self.handling = False  # a request is being carried out
         rate = handler.settings.max_requests_per_second
         self.bucket = policy.TokenBucket(rate, policy.burst_for(rate, handler.settings.request_burst),
@@ -550,6 +547,8 @@ class Handler:
         self.io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="journal-read")
         self.stopping = asyncio.Event()
         self.daemon_stopping = asyncio.Event()  # the broker said the whole daemon stops
+        # Once set, frames read are not carried out: the close that follows
+        # tells each client that a request it has no answer to may be sent again.
         self.closing_sessions = False
         self.command_policy = policy.CommandPolicy(settings.command_allow, settings.command_deny,
                                                    settings.allow_shell)
@@ -789,7 +788,7 @@ class Handler:
         try:
             await session.send(protocol.connected(session.session_id, __version__))
             async for frame in ws:
-                if session.closing:
+                if self.closing_sessions:
                     continue
                 session.handling = True
                 await session.handle_frame(frame)
@@ -831,8 +830,6 @@ class Handler:
         logs.event(log, "handler.stopping", pid=os.getpid(), connections=len(self.sessions))
         await self.wait_while(self.handshakes_in_flight, HANDSHAKE_GRACE)
         self.closing_sessions = True
-        for session in self.sessions:
-            session.closing = True
         await self.wait_while(lambda: any(s.answering() for s in self.sessions), ANSWER_GRACE)
         code, reason = CLOSE_SERVICE_RESTART, "service restart"
         if await self.daemon_stops():
