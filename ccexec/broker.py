@@ -115,6 +115,7 @@ class Broker:
         self.settled = not self.unclaimed  # a fresh start has nothing to wait for
         self.next_prune = time.monotonic() + SETTLE_TIME
         self.queue: deque[str] = deque()
+        self.restored: list[str] = []  # jobs a previous broker accepted and had not started
         self.held: dict[str, list[str]] = {}  # predecessor -> jobs sequenced after it
         self.pending_controls: dict[str, bytes] = {}  # control ref -> handler
         self.sends_after_commit: list[Callable[[], object]] = []  # what tells of this turn's records
@@ -421,6 +422,7 @@ class Broker:
             job = Job(record["job_id"], json.loads(record["spec"]), client=record["client"],
                       after=record["after"], created_at=record["created_at"])
             self.jobs[job.job_id] = job
+            self.restored.append(job.job_id)
             self.queue_or_hold(job)
 
     def enqueue(self, job: Job) -> None:
@@ -808,10 +810,12 @@ class Broker:
                 self.unsubscribe(identity, job.job_id)
 
     def settle_if_due(self) -> None:
-        """Once peers had time to re-register: what nobody claimed is lost."""
-        if self.settled or time.monotonic() < self.settle_deadline:
+        """Once peers had time to re-register, or nothing is left to claim:
+        what nobody claimed is lost, and jobs are dispatched again."""
+        if self.settled or (time.monotonic() < self.settle_deadline and not self.all_claimed()):
             return
         self.settled = True
+        self.restored.clear()
         self.pool_changed()
         lost = list(self.unclaimed)
         for job_id in lost:
@@ -819,6 +823,13 @@ class Broker:
         logs.event(log, "broker.settled", running=sum(1 for j in self.jobs.values() if j.state == "running"),
                    queued=len(self.queue), lost=len(lost))
         self.dispatch()
+
+    def all_claimed(self) -> bool:
+        """Every job a previous broker left is accounted for. One restored to
+        the queue may be running already, on an executor the previous broker
+        dispatched it to that has not re-registered yet: only time tells."""
+        return not self.unclaimed and not any(
+            job_id in self.jobs and self.jobs[job_id].state in ("queued", "held") for job_id in self.restored)
 
     def prune_if_due(self) -> None:
         if time.monotonic() < self.next_prune:

@@ -20,12 +20,13 @@ import psutil
 import pytest
 import websockets
 
-from ccexec import ctl
+from ccexec import broker, ctl
 from ccexec.client import Client, RPCError
 from support import Daemon, async_test, http_get, marked_processes, ticker, wait_for
 from wire import Wire
 
 TICKER, TICKER_OUTPUT = ticker(150, 0.02)
+LONG_TICKER, _ = ticker(1000, 0.02)
 
 
 def _alive(pid: int) -> bool:
@@ -73,6 +74,32 @@ async def test_request_that_reaches_a_new_broker_before_its_handler_registers_is
         wait_for(lambda: d.role_pids("broker") not in ([], [broker]), 10, what="a respawned broker")
         record = await client.job_status(job.job_id)  # handlers register at their next heartbeat
     assert (record["state"], record["reason"]) == ("finished", "exit"), record
+
+
+@async_test(90)
+async def test_new_broker_dispatches_once_every_job_it_found_running_is_claimed(make_daemon):
+    """A restarted broker holds new jobs back until the jobs its predecessor
+    left are accounted for, lest it lose one still running; once they are
+    all claimed there is nothing left to wait for."""
+    d = make_daemon()
+    [old_broker] = d.role_pids("broker")
+    async with Client(d.url) as client:
+        running = await client.execute(LONG_TICKER)
+        await _first_output(running)
+        os.kill(old_broker, signal.SIGKILL)
+        [new_broker] = wait_for(lambda: [pid for pid in d.role_pids("broker") if pid != old_broker], 10,
+                                what="a respawned broker")
+        async with Client(d.url) as other:  # a connection's own jobs run one after another
+            after = await other.execute("echo after")
+            assert (await after.wait(20)).stdout == "after\n"
+        record = await client.job_status(after.job_id)
+        still_running = (await client.job_status(running.job_id))["state"]
+        await running.control("CANCEL")
+        await running.wait(20)
+    assert still_running == "running"
+    # Without the claims, the broker would settle SETTLE_TIME after it started.
+    since_broker_start = record["started_at"] - psutil.Process(new_broker).create_time()
+    assert since_broker_start < broker.SETTLE_TIME, f"the new job started {since_broker_start:.2f} s after the broker"
 
 
 @async_test(90)
