@@ -39,6 +39,7 @@ SETTLE_TIME = PEER_TIMEOUT
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 STOP_MARGIN = 3.0  # seconds past kill_grace a stopping broker waits for executors' last reports
 REGISTER_ASK_INTERVAL = 1.0  # seconds
+EXIT_GRACE = 0.5  # seconds an executor Circus reaped has for its last messages to be read before its jobs are lost
 MAX_RESENDS = 5  # times a remote job's missing output is asked for again before its record is closed
 
 
@@ -56,6 +57,7 @@ class Peer:
     pid: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
     stopping: bool = False  # an executor that takes no more jobs: it ends the ones it runs and exits
+    exit_code: int | None = None  # a local executor's, once Circus has reaped it
 
     @property
     def free(self) -> int:
@@ -120,7 +122,7 @@ class Broker:
         self.pending_controls: dict[str, bytes] = {}  # control ref -> handler
         self.sends_after_commit: list[Callable[[], object]] = []  # what tells of this turn's records
         self.register_asked: dict[bytes, float] = {}  # unknown peer -> when it was last asked to register
-        self.timers: list[tuple[float, str, str]] = []  # (deadline, kind, job_id)
+        self.timers: list[tuple[float, str, str]] = []  # (deadline, kind, job_id or executor identity)
         self.metrics = PoolMetrics()
         # Circus's event stream: every process exit, for the restart counters.
         self.circus_events = ctx.socket(zmq.SUB)
@@ -209,12 +211,28 @@ class Broker:
         """Topics read `watcher.<name>.reap` when Circus reaps a process."""
         while True:
             try:
-                topic = self.circus_events.recv_multipart(zmq.NOBLOCK)[0].decode(errors="replace")
+                frames = self.circus_events.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            parts = topic.split(".")
+            parts = frames[0].decode(errors="replace").split(".")
             if len(parts) == 3 and parts[2] == "reap":
                 self.metrics.watcher_exited(parts[1])
+                if parts[1] == "executor" and len(frames) > 1:
+                    self.executor_exited(frames[1])
+
+    def executor_exited(self, body: bytes) -> None:
+        """A local executor died (kill -9, the OOM killer, a crash): its jobs
+        are lost now rather than a heartbeat timeout later, once what it sent
+        before it died had time to be read."""
+        try:
+            event = json.loads(body)
+            pid, exit_code = event["process_pid"], event.get("exit_code")
+        except (ValueError, TypeError, KeyError):
+            return
+        for peer in self.executors.values():
+            if not peer.remote and peer.pid == pid:
+                peer.exit_code = exit_code
+                heapq.heappush(self.timers, (time.monotonic() + EXIT_GRACE, "executor_exited", peer.identity.decode()))
 
     def stop(self, *_: object) -> None:
         """SIGTERM: dispatch nothing more. If the executors stop too (the
@@ -845,11 +863,13 @@ class Broker:
     def run_due_timers(self) -> None:
         now = time.monotonic()
         while self.timers and self.timers[0][0] <= now:
-            deadline, kind, job_id = heapq.heappop(self.timers)
-            job = self.jobs.get(job_id)
+            deadline, kind, key = heapq.heappop(self.timers)
+            job = self.jobs.get(key)
             if kind == "detach_grace" and job is not None and job.grace_deadline == deadline:
-                logs.event(log, "job.abandoned", job_id=job_id, grace=self.settings.detach_grace)
+                logs.event(log, "job.abandoned", job_id=key, grace=self.settings.detach_grace)
                 self.control_by_broker(job, "CANCEL")
+            elif kind == "executor_exited" and key.encode() in self.executors:
+                self.lose_executor(key.encode(), f"exit code {self.executors[key.encode()].exit_code}")
 
     def control_by_broker(self, job: Job, action: str) -> None:
         if job.state in ("running", "dispatched") and job.executor is not None:

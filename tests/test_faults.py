@@ -197,7 +197,9 @@ async def test_dead_or_frozen_executor_jobs_end_lost_and_leave_no_orphans(make_d
             result = await job.wait(30)
             ended_after = time.monotonic() - struck_at
             assert result.reason == "lost" and result.status == "failed"
-            assert ended_after < 8, f"lost only after {ended_after:.1f} s"
+            # Circus tells the broker of a death; a frozen one falls silent.
+            cause = "exit code -9" if sig == signal.SIGKILL else "heartbeat timeout"
+            assert result.completed["error"] == f"the executor running this job died ({cause})"
             wait_for(lambda: not any(_alive(p) for p in tree), 5, what="the job's tree to be gone")
             wait_for(lambda: executor not in d.role_pids("executor") and len(d.role_pids("executor")) == 2, 15,
                      what="a new executor in its place")
