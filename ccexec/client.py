@@ -163,6 +163,12 @@ class Client:
         self._resendable: dict[Any, str] = {}  # the messages of pending requests, by id
         self._jobs: dict[str, Job] = {}
         self._early: dict[str, list[tuple[str, dict]]] = {}  # events that beat their job's response
+        # Of this connection: requests whose caller stopped waiting (method by
+        # id), jobs such a request named (their events are dropped), and jobs
+        # such an execute started, to be canceled.
+        self._given_up: dict[Any, str] = {}
+        self._abandoned: set[str] = set()
+        self._to_cancel: list[str] = []
         self._reader: asyncio.Task | None = None
         self._delays = None  # what is left of the retry policy while resumes fail in a row
         # Resolved once the reader is done with the current connection (it
@@ -187,6 +193,9 @@ class Client:
         replaced = self._ws_replaced
         if ws is not None:
             self.ws, self._ws_replaced = ws, asyncio.get_running_loop().create_future()
+            self._given_up.clear()
+            self._abandoned.clear()
+            self._to_cancel.clear()
         if replaced is not None and not replaced.done():
             replaced.set_result(None)
 
@@ -223,6 +232,9 @@ class Client:
                             self._dispatch(message)
                     except (ValueError, KeyError, TypeError, AttributeError):
                         continue  # not a message of this protocol: skipped, as the server skips bad requests
+                    while self._to_cancel:  # its answer is dropped, like any other given up
+                        await self.ws.send(json.dumps({"jsonrpc": "2.0", "method": "control", "id": next(self._ids),
+                                                       "params": {"type": "CANCEL", "job_id": self._to_cancel.pop()}}))
             except websockets.ConnectionClosed:
                 pass
             self._fail_pending(resendable_too=self._closing or self.ws.close_code not in CLOSES_AFTER_ANSWERING)
@@ -298,6 +310,8 @@ class Client:
                 future = self._forget(message["id"])
                 if future is not None and not future.done():
                     future.set_result(message)
+                elif (method := self._given_up.pop(message["id"], None)) is not None:
+                    self._abandon(method, message.get("result"))
             elif (job := self._job_of_error(message)) is not None:
                 self._jobs.pop(job.job_id, None)  # this connection gets no more of the job
                 job.queue.put_nowait({"method": "error", "params": message["error"]})
@@ -310,14 +324,29 @@ class Client:
         job_id = params.get("job_id") if isinstance(params, dict) else None
         if job_id is not None and isinstance(method, str) and method.startswith("process."):
             job = self._jobs.get(job_id)
-            if job is None:
-                self._early.setdefault(job_id, []).append((method, params))
-            else:
+            if job is not None:
                 job._on_event(method, params)
                 if job.completed is not None:
                     del self._jobs[job_id]  # nothing follows process.completed: not kept for a resume
+            elif job_id in self._abandoned:
+                if method == "process.completed":
+                    self._abandoned.discard(job_id)
+            else:
+                self._early.setdefault(job_id, []).append((method, params))
         else:
             self._notify(message)
+
+    def _abandon(self, method: str, result: Any) -> None:
+        """An execute or attach answered after its caller gave up: nobody
+        follows the job it names, and one it started is canceled rather than
+        left to run with nobody knowing of it."""
+        job_id = result.get("job_id") if isinstance(result, dict) else None
+        if method not in ("execute", "attach") or not isinstance(job_id, str):
+            return
+        self._early.pop(job_id, None)
+        self._abandoned.add(job_id)
+        if method == "execute":
+            self._to_cancel.append(job_id)
 
     def _notify(self, message: dict) -> None:
         if self.notifications.full():
@@ -357,7 +386,9 @@ class Client:
         try:
             answer = await asyncio.wait_for(future, timeout)
         finally:
-            self._forget(request_id)  # given up (a timeout, a cancel): its late answer is dropped
+            if future.cancelled():  # given up (a timeout, a cancel): its late answer is not the caller's
+                self._given_up[request_id] = method
+            self._forget(request_id)
         if "error" in answer:
             error = answer["error"]
             raise RPCError(error["code"], error["message"], error.get("data"))
@@ -367,7 +398,9 @@ class Client:
                       answer_timeout: float | None = 60, **params: Any) -> Job:
         """Start a job (params as in the protocol: timeout, cwd, env, ...).
 
-        `answer_timeout` bounds the wait for the server's answer.
+        `answer_timeout` bounds the wait for the server's answer. A job whose
+        answer comes after the caller stopped waiting (a timeout, a cancel) is
+        canceled: no job runs that the caller does not know of.
         """
         if command is not None:
             params["command"] = command

@@ -359,6 +359,29 @@ async def test_a_timed_out_call_leaves_nothing_behind_and_its_late_answer_is_no_
         assert (await running.wait(20)).reason == "canceled"
 
 
+@async_test(60)
+async def test_a_job_whose_execute_answer_comes_after_its_caller_gave_up_is_canceled(make_daemon):
+    """The caller of a timed-out execute believes no job started: should
+    one have, it is canceled, and its output is not kept by the client."""
+    d = make_daemon()
+    [broker] = d.role_pids("broker")
+    command = "timeout 30 sh -c 'while :; do echo unwanted; sleep 0.01; done'"
+    async with Client(d.url) as client:
+        os.kill(broker, signal.SIGSTOP)  # the execute waits for the broker
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await client.execute(command, answer_timeout=0.5)
+        finally:
+            os.kill(broker, signal.SIGCONT)
+        deadline = time.monotonic() + 20
+        while not (records := [r for r in await client.jobs() if r["command"] == command and r["reason"]]):
+            assert time.monotonic() < deadline, "the job of the timed-out execute did not end"
+            await asyncio.sleep(0.1)
+        assert records[0]["reason"] == "canceled"
+        assert (await client.ping())["pong"] is True  # whatever the job sent came before this answer
+        assert not client._early and not client._jobs
+
+
 @async_test(90)
 async def test_resume_keeps_the_jobs_stream_mode(make_daemon, tmp_path):
     """A chunks-mode job resumed after its handler died still comes in chunks
