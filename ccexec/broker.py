@@ -25,7 +25,7 @@ from typing import Callable
 
 import zmq
 
-from ccexec import bus, config, logs, protocol, remote, store
+from ccexec import bus, config, journal, logs, protocol, remote, store
 from ccexec.journal import JournalReplica
 from ccexec.liveness import WatchdogPulse
 from ccexec.metrics import PoolMetrics
@@ -818,7 +818,7 @@ class Broker:
             "job_id": job.job_id, "pid": job.pid, "pgid": job.pgid, "exit_code": -signal.SIGKILL,
             "reason": "lost", "error": why,
             "execution_time": time.time() - (job.started_at or job.created_at),
-            "stdout_bytes": None, "stderr_bytes": None})
+            **journal.recorded_sizes(self.settings.jobs_dir, job.job_id)})
 
     def lose_handler(self, identity: bytes) -> None:
         self.handlers.pop(identity, None)

@@ -250,7 +250,7 @@ class JobStream:
         for stream in STREAMS:
             state = self.streams[stream]
             size = final.get(f"{stream}_bytes")
-            if size is None:  # the executor died: the journal holds what there is
+            if size is None:  # a lost job recorded by an older version: the journal holds what there is
                 size = await self.session.handler.journal_size(self.job_id, stream)
             state.known = max(state.known, size)
             await self.deliver(stream)

@@ -95,6 +95,12 @@ def stream_size(jobs_dir: str, job_id: str, stream: str) -> int:
     return _size(os.path.join(job_dir(jobs_dir, job_id), stream))
 
 
+def recorded_sizes(jobs_dir: str, job_id: str) -> dict[str, int]:
+    """`stdout_bytes` and `stderr_bytes` of a job whose executor died before
+    it could report them: what its journal holds."""
+    return {f"{stream}_bytes": stream_size(jobs_dir, job_id, stream) for stream in STREAMS}
+
+
 def _size(path: str) -> int:
     try:
         return os.stat(path).st_size

@@ -18,7 +18,7 @@ import time
 
 import psutil
 
-from ccexec import config, logs
+from ccexec import config, journal, logs
 from ccexec.journal import job_dir
 from ccexec.store import JobStore
 
@@ -137,7 +137,7 @@ def reap_orphan_jobs(settings: config.Settings) -> int:
                 "error": "the daemon stopped unexpectedly while this job was "
                          + ("running" if record["started_at"] else "waiting"),
                 "execution_time": time.time() - (record["started_at"] or record["created_at"]),
-                "stdout_bytes": None, "stderr_bytes": None})
+                **journal.recorded_sizes(settings.jobs_dir, record["job_id"])})
             logs.event(log, "job.finished", logging.WARNING, job_id=record["job_id"], reason="lost",
                        pgid=pgid, error="left by a previous instance")
         return len(records)

@@ -188,7 +188,8 @@ async def test_job_whose_output_cannot_be_journaled_is_ended_and_says_so(make_da
 async def test_dead_or_frozen_executor_jobs_end_lost_and_leave_no_orphans(make_daemon, sig):
     d = make_daemon()
     async with Client(d.url) as client:
-        job = await client.execute("sleep 100 & sleep 100 & wait")
+        job = await client.execute("echo started; sleep 100 & sleep 100 & wait")
+        await _first_output(job)  # journaled by now
         tree = wait_for(lambda: (lambda kids: [job.pid, *kids] if len(kids) >= 2 else None)(_descendants(job.pid)),
                         10, what="the job's tree")
         executor = psutil.Process(job.pid).ppid()
@@ -197,6 +198,8 @@ async def test_dead_or_frozen_executor_jobs_end_lost_and_leave_no_orphans(make_d
             result = await job.wait(30)
             ended_after = time.monotonic() - struck_at
             assert result.reason == "lost" and result.status == "failed"
+            assert result.stdout == "started\n"
+            assert (await client.job_status(job.job_id))["stdout_bytes"] == len("started\n")  # as the journal has it
             # Circus tells the broker of a death; a frozen one falls silent.
             cause = "exit code -9" if sig == signal.SIGKILL else "heartbeat timeout"
             assert result.completed["error"] == f"the executor running this job died ({cause})"
@@ -261,7 +264,7 @@ def test_killed_arbiter_new_daemon_takes_over_port_and_orphans(tmp_path):
     new = None
     try:
         old.start()
-        job = asyncio.run(_start_detached(old.url, "sleep 300 & sleep 300 & wait"))
+        job = asyncio.run(_start_detached(old.url, "echo started; sleep 300 & sleep 300 & wait"))
         tree = wait_for(lambda: (lambda kids: [job["pid"], *kids] if len(kids) >= 2 else None)(
             _descendants(job["pid"])), 10, what="the job's tree")
         orphans = old.processes()
@@ -277,6 +280,7 @@ def test_killed_arbiter_new_daemon_takes_over_port_and_orphans(tmp_path):
         assert not marked_processes(old.mark)
         record = asyncio.run(_job_status(new.url, job["job_id"]))
         assert record["state"] == "finished" and record["reason"] in ("canceled", "lost")
+        assert record["stdout_bytes"] == len("started\n")
         assert takeover < 10, f"takeover took {takeover:.1f} s"
         print(f"arbiter kill -9: new ccexecd ready {takeover:.2f} s after it was started")
     finally:
