@@ -398,7 +398,11 @@ class Broker:
         job_id = bus.header_field(header, "job_id", str)
         known = self.store.get(job_id)
         if job_id in self.jobs or (known and known["state"] in ("finished", "running")):
-            self.subscribe(identity, job_id)  # a resubmission after a broker restart
+            # Sent again: by a handler, after this broker restarted; or by a
+            # client whose connection dropped before the answer. Either
+            # follows the job the first one made.
+            self.subscribe(identity, job_id)
+            self.tell_state(identity, job_id)
             return
         self.unclaimed.pop(job_id, None)
         waiting = sum(1 for j in self.jobs.values() if j.state in ("queued", "held"))
@@ -418,6 +422,19 @@ class Broker:
         self.store.accepted(job_id, job.spec, job.client, "held" if self.waits_for_predecessor(job) else "queued",
                             job.after)
         self.queue_or_hold(job)
+
+    def tell_state(self, identity: bytes, job_id: str) -> None:
+        """Where a job stands, to a handler that has just begun to follow it.
+        One finished was told by subscribe(), one unclaimed is when claimed."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        if job.state in ("queued", "held"):
+            self.to_handler(identity, bus.QUEUED, {"job_id": job_id, "position": job.position,
+                                                   "after": job.after if job.state == "held" else None})
+        elif job.state == "running":
+            self.to_handler(identity, bus.STARTED, {"job_id": job_id, "pid": job.pid, "pgid": job.pgid,
+                                                    "started_at": job.started_at})
 
     def waits_for_predecessor(self, job: Job) -> bool:
         """Its `after` job has not ended (it may be one a previous broker left, not claimed yet)."""
@@ -559,15 +576,24 @@ class Broker:
             self.to_executor(peer.identity, bus.CONTROL, {"job_id": job_id, "action": "CANCEL", "ref": ""})
             return
         job = self.jobs.get(job_id) or self.claim(job_id)
-        if job is None:
+        if job is None:  # accepted by a broker that died before it recorded the job
             job = Job(job_id, running.get("spec", {}))
             self.jobs[job_id] = job
+            self.store.accepted(job_id, job.spec, None, "queued")
         if job_id in self.queue:
             self.queue.remove(job_id)
         job.spec = job.spec or running.get("spec", {})
-        job.state, job.executor, job.remote = "running", peer.identity, peer.remote
-        job.pid, job.pgid, job.started_at = running.get("pid"), running.get("pgid"), running.get("started_at")
+        job.executor, job.remote = peer.identity, peer.remote
         peer.jobs.add(job_id)
+        started = {"job_id": job_id, "pid": running.get("pid"), "pgid": running.get("pgid"),
+                   "started_at": running.get("started_at")}
+        if started["pid"] is None:  # being started: its STARTED follows
+            job.state = "dispatched"
+        elif job.state != "running":  # started unbeknown to this broker: recorded, and its followers told
+            self.on_started(job, started)
+        else:
+            job.pid, job.pgid, job.started_at = started["pid"], started["pgid"], started["started_at"]
+            self.to_subscribers(job, bus.STARTED, started)  # followers that came while it was unclaimed
 
     def may_adopt(self, peer: Peer, job_id: str) -> bool:
         """A job that is not over; from a node, only one this broker (or the

@@ -104,6 +104,7 @@ class JobStream:
         self.submit = submit  # resent if the broker restarts before the job starts
         self.responded = submit is None  # an attached job had its answer already
         self.started = False
+        self.place: tuple | None = None  # (position, after) last told in process.queued
         self.pid = self.pgid = None
         self.notices: deque[str] = deque()
         self.streams = {s: StreamState(mode, o) for s, o in zip(STREAMS, offsets)}
@@ -128,12 +129,21 @@ class JobStream:
                 result = protocol.execute_result(status, self.job_id, self.pid, self.pgid)
                 self.notices.append(protocol.response(self.request_id, result))
 
+    # The broker tells a job's state again to a handler that begins to follow
+    # it; the connections that followed it already were told.
+
     def on_queued(self, header: dict) -> None:
+        place = (header.get("position"), header.get("after"))
+        if self.responded and place == self.place:
+            return
+        self.place = place
         self.respond("queued")
-        self.notices.append(protocol.process_queued(self.job_id, header.get("position"), header.get("after")))
+        self.notices.append(protocol.process_queued(self.job_id, *place))
         self.wake.set()
 
     def on_started(self, header: dict) -> None:
+        if self.started:
+            return
         self.started, self.pid, self.pgid = True, header.get("pid"), header.get("pgid")
         self.last_output = time.monotonic()
         self.respond("started")

@@ -121,6 +121,40 @@ async def test_new_broker_dispatches_once_every_job_it_found_running_is_claimed(
     assert since_broker_start < broker.SETTLE_TIME, f"the new job started {since_broker_start:.2f} s after the broker"
 
 
+@async_test(60)
+async def test_job_that_starts_while_the_broker_restarts_is_recorded_and_told_as_started(make_daemon, tmp_path):
+    """A job dispatched by a broker that dies before its STARTED: the next
+    broker hears of the job only from its executor's READY. It records the
+    start, and the client is told, as it would have been."""
+    d = make_daemon(sections={"plugin:watchdog": {"watchers_regex": "^(broker|handler)$"}})  # executors frozen at will
+    executors, [broker] = d.role_pids("executor"), d.role_pids("broker")
+    go = tmp_path / "go"
+    async with Client(d.url) as client, Client(d.url) as observer:
+        for pid in executors:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            executing = asyncio.ensure_future(client.execute(f"echo begun; while [ ! -e {go} ]; do sleep 0.02; done"))
+            # Dispatched, not recorded as started: the broker's heartbeat (each second) counts it running.
+            await asyncio.to_thread(wait_for, lambda: d.health()["running_jobs"] == 1, 10, 0.05, "the dispatch")
+            os.kill(broker, signal.SIGKILL)
+            await asyncio.to_thread(wait_for, lambda: [p for p in d.role_pids("broker") if p != broker], 10, 0.05,
+                                    "a new broker")
+        finally:
+            for pid in executors:
+                os.kill(pid, signal.SIGCONT)
+        job = await asyncio.wait_for(executing, 20)  # answered while the job runs, not once it ended
+        deadline = time.monotonic() + 10
+        while (record := await observer.job_status(job.job_id))["state"] != "running" or record["pid"] is None:
+            assert time.monotonic() < deadline, f"never recorded as started: {record}"
+            await asyncio.sleep(0.05)
+        go.touch()
+        told = [event["method"] async for event in job.events(timeout=20)]
+        result = await job.wait()
+    assert told.count("process.started") == 1 and told[-1] == "process.completed", told
+    assert result.stdout == "begun\n" and result.exit_code == 0
+    assert record["pid"] == result.completed["pid"]
+
+
 @async_test(90)
 async def test_completion_the_broker_cannot_record_is_recorded_by_the_next_broker(make_daemon, tmp_path):
     """A broker whose job table cannot be written (a full or failing disk,
