@@ -22,8 +22,9 @@ import asyncio
 import functools
 import itertools
 import json
+import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Collection
 
 import websockets
 from websockets.asyncio.client import ClientConnection
@@ -35,7 +36,9 @@ DEFAULT_URL = "ws://127.0.0.1:8004/ws"
 NOTIFICATIONS_KEPT = 1000
 # A ccexec handler that restarts (1012) or a daemon that stops (1001) answers
 # every request it read before it closes: one it did not answer, it did not
-# carry out either, and it is sent again on the resumed connection.
+# carry out either, and it is sent again on the resumed connection. After
+# any other close only an execute is: it names its job, and the daemon
+# starts no second one for it.
 CLOSES_AFTER_ANSWERING = (1001, 1012)
 
 
@@ -161,6 +164,7 @@ class Client:
         self._ids = itertools.count(1)
         self._pending: dict[Any, asyncio.Future] = {}
         self._resendable: dict[Any, str] = {}  # the messages of pending requests, by id
+        self._repeatable: set[Any] = set()  # of those, the ones carried out once however often sent (executes)
         self._jobs: dict[str, Job] = {}
         self._early: dict[str, list[tuple[str, dict]]] = {}  # events that beat their job's response
         # Of this connection: requests whose caller stopped waiting (method by
@@ -237,9 +241,13 @@ class Client:
                                                        "params": {"type": "CANCEL", "job_id": self._to_cancel.pop()}}))
             except websockets.ConnectionClosed:
                 pass
-            self._fail_pending(resendable_too=self._closing or self.ws.close_code not in CLOSES_AFTER_ANSWERING)
             if self._closing:
+                self._fail_pending()
                 return
+            if self.ws.close_code in CLOSES_AFTER_ANSWERING:
+                self._fail_pending(self._resendable)  # none of them was carried out
+            else:
+                self._fail_pending(self._repeatable)  # any may have been
             # Resumed with no unfinished job too: a restarting handler (1012)
             # is no reason for the next request to fail.
             unfinished = [job for job in self._jobs.values() if job.completed is None]
@@ -263,16 +271,17 @@ class Client:
         else:
             self._delays = None  # resumed: a later drop gets the whole retry policy again
 
-    def _fail_pending(self, resendable_too: bool = True) -> None:
-        """Fail the requests still waiting for an answer (but those to be sent again)."""
+    def _fail_pending(self, resent: Collection = ()) -> None:
+        """Fail the requests still waiting for an answer, but those to be sent again."""
         for request_id, future in list(self._pending.items()):
-            if resendable_too or request_id not in self._resendable:
+            if request_id not in resent:
                 self._forget(request_id)
                 if not future.done():
                     future.set_exception(ConnectionError("connection closed"))
 
     def _forget(self, request_id: Any) -> asyncio.Future | None:
         self._resendable.pop(request_id, None)
+        self._repeatable.discard(request_id)
         return self._pending.pop(request_id, None)
 
     async def _resume(self, unfinished: list[Job]) -> bool:
@@ -358,7 +367,8 @@ class Client:
         reader resumes, should this one drop before it is answered."""
         request_id = next(self._ids)
         message = json.dumps({"jsonrpc": "2.0", "method": method, "params": params or {}, "id": request_id})
-        future = self._register(request_id, message if resumed else None)
+        repeatable = method == "execute" and bool((params or {}).get("job_id"))
+        future = self._register(request_id, message if resumed else None, repeatable)
         ws, replaced = self.ws, self._ws_replaced
         try:
             try:
@@ -368,17 +378,19 @@ class Client:
                     raise
                 await replaced  # the reader resumes the connection, or gives up
                 if request_id not in self._resendable:  # failed with the old connection, not sent again
-                    future = self._register(request_id, message)
+                    future = self._register(request_id, message, repeatable)
                     await self.ws.send(message)
         except BaseException:
             self._forget(request_id)
             raise
         return request_id, future
 
-    def _register(self, request_id: int, resendable: str | None) -> asyncio.Future:
+    def _register(self, request_id: int, resendable: str | None, repeatable: bool = False) -> asyncio.Future:
         future = self._pending[request_id] = asyncio.get_running_loop().create_future()
         if resendable is not None:
             self._resendable[request_id] = resendable
+            if repeatable:
+                self._repeatable.add(request_id)
         return future
 
     async def call(self, method: str, params: dict | None = None, timeout: float | None = 30) -> Any:
@@ -406,6 +418,7 @@ class Client:
             params["command"] = command
         if argv is not None:
             params["argv"] = argv
+        params.setdefault("job_id", uuid.uuid4().hex)  # so that sending it again cannot start it twice
         result = await self.call("execute", params, answer_timeout)
         job = Job(self, result["job_id"], result["status"], result.get("pid"), params.get("stream_mode", "lines"))
         for method, event in self._early.pop(job.job_id, []):

@@ -367,8 +367,14 @@ class Session:
                              f"Rate limited: more than {rate:g} requests per second on this connection",
                              {"retry_after": wait, "max_requests_per_second": rate}, request_id)
 
+    def check_not_followed(self, request: protocol.Request, job_id: str | None) -> None:
+        if job_id in self.jobs:
+            raise ProtocolError(protocol.INVALID_PARAMS, f"Invalid params: job {job_id} is already followed here",
+                                {"param": "job_id"}, request.id)
+
     def check_execute(self, request: protocol.Request, spec: protocol.ExecuteSpec) -> None:
         """The daemon's policy and limits for a new job, before it is submitted."""
+        self.check_not_followed(request, spec.job_id)
         settings = self.handler.settings
         if settings.max_stdin_bytes and spec.stdin is not None \
                 and len(spec.stdin.encode("utf-8", "surrogatepass")) > settings.max_stdin_bytes:
@@ -423,7 +429,7 @@ class Session:
             await self.send(protocol.response(request.id, result))
 
     def execute(self, request: protocol.Request, spec: protocol.ExecuteSpec) -> None:
-        job_id = uuid.uuid4().hex
+        job_id = spec.job_id or uuid.uuid4().hex
         after = None
         if not spec.parallel:
             previous = self.last_sequenced
@@ -443,10 +449,8 @@ class Session:
 
     async def attach(self, request: protocol.Request, spec: protocol.AttachSpec) -> None:
         """Follow a job from byte offsets: replay from its journal, then live."""
-        if spec.job_id in self.jobs:
-            raise ProtocolError(protocol.INVALID_PARAMS, f"Invalid params: job {spec.job_id} is already followed here",
-                                {"param": "job_id"}, request.id)
-        if not journal.JOB_ID.match(spec.job_id):
+        self.check_not_followed(request, spec.job_id)
+        if not protocol.JOB_ID.match(spec.job_id):
             raise ProtocolError(protocol.JOB_NOT_FOUND, f"Job not found: {spec.job_id}", {"job_id": spec.job_id}, request.id)
         offsets = (spec.stdout_offset, spec.stderr_offset)
         job = JobStream(self, spec.job_id, spec.stream_mode, offsets=offsets)

@@ -11,11 +11,9 @@ a worker thread.
 from __future__ import annotations
 
 import os
-import re
 
-from ccexec.protocol import STREAMS
+from ccexec.protocol import JOB_ID, STREAMS
 
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 READ_BLOCK = 256 << 10  # bytes read from a journal at a time (about 3,000 lines of output)
 
 

@@ -36,6 +36,7 @@ CLOSE_POLICY_VIOLATION = 1008
 CHUNK_CHARS = 65536
 FEED_PART = 16 << 10  # bytes of lines-mode output split at a time (about 200 lines) by feed_in_parts
 STREAMS = ("stdout", "stderr")
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")  # the daemon's are uuid4().hex; a client's must look alike
 STREAM_MODES = ("lines", "chunks")
 CONTROL_TYPES = {"PAUSE": "paused", "RESUME": "resumed", "CANCEL": "canceled"}
 JOB_STATES = ("running", "queued", "finished")
@@ -47,7 +48,7 @@ MAX_ARG_BYTES = (128 << 10) - 1
 MAX_LABELS = 32
 CAPABILITIES = [
     "execute", "control", "stream", "heartbeat", "queue", "chunks",
-    "argv", "stdin", "ping", "hook_status", "attach", "jobs", "claude", "labels",
+    "argv", "stdin", "ping", "hook_status", "attach", "jobs", "claude", "labels", "job_id",
 ]
 
 
@@ -96,6 +97,7 @@ class ExecuteSpec:
     name: str | None = None
     claude: bool = False  # true: a Claude job whatever its command (false: detection decides)
     labels: dict[str, str] = field(default_factory=dict)  # only executors carrying all of them run it
+    job_id: str | None = None  # the client's: sent again, it names the job the first one started
 
     def to_dict(self) -> dict:
         spec = {
@@ -403,8 +405,15 @@ def parse_execute(request: Request) -> ExecuteSpec:
         stall_timeout=_seconds(request, "stall_timeout", allow_zero=True),
         detach=_flag(request, "detach"), parallel=_flag(request, "parallel"),
         stream_mode=stream_mode, name=_optional_str(request, "name"),
-        claude=_flag(request, "claude"), labels=_labels(request),
+        claude=_flag(request, "claude"), labels=_labels(request), job_id=_new_job_id(request),
     )
+
+
+def _new_job_id(request: Request) -> str | None:
+    job_id = request.params.get("job_id")
+    if job_id is not None and (not isinstance(job_id, str) or not JOB_ID.match(job_id)):
+        raise _invalid(request, "job_id", "must be 32 lowercase hexadecimal digits (a UUID's hex)")
+    return job_id
 
 
 def _job_id(request: Request) -> str:

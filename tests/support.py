@@ -276,6 +276,13 @@ def async_test(timeout: float = 60):
     return wrap
 
 
+def serves(pid: int, client) -> bool:
+    """Whether handler `pid` holds the server end of a Client's connection."""
+    local = client.ws.local_address[:2]
+    return any(c.raddr and (c.raddr.ip, c.raddr.port) == tuple(local)
+               for c in psutil.Process(pid).net_connections(kind="tcp"))
+
+
 def ticker(lines: int, interval: float, word: str = "tick") -> tuple[str, str]:
     """A command printing `lines` numbered lines, one every `interval` s, and its exact output."""
     command = (f"{sys.executable} -c \"import time\nfor i in range({lines}):\n"

@@ -23,7 +23,7 @@ import websockets
 
 from ccexec import broker, ctl
 from ccexec.client import Client, RPCError
-from support import Daemon, async_test, http_get, marked_processes, ticker, wait_for
+from support import Daemon, async_test, http_get, marked_processes, serves, ticker, wait_for
 from wire import Wire
 
 TICKER, TICKER_OUTPUT = ticker(150, 0.02)
@@ -119,6 +119,29 @@ async def test_new_broker_dispatches_once_every_job_it_found_running_is_claimed(
     # Without the claims, the broker would settle SETTLE_TIME after it started.
     since_broker_start = record["started_at"] - psutil.Process(new_broker).create_time()
     assert since_broker_start < broker.SETTLE_TIME, f"the new job started {since_broker_start:.2f} s after the broker"
+
+
+@async_test(60)
+async def test_execute_whose_handler_dies_before_the_answer_is_sent_again_and_runs_once(make_daemon):
+    """kill -9 of the handler after it passed an execute on and before it
+    answered: the client cannot know whether the job was made. It sends the
+    execute again, with the job_id it chose, and gets that job: none runs
+    twice, none runs unknown to it."""
+    d = make_daemon()
+    [broker] = d.role_pids("broker")
+    command = "echo once"
+    async with Client(d.url) as client:
+        [handler] = [pid for pid in d.role_pids("handler") if serves(pid, client)]
+        with _struck(broker, signal.SIGSTOP):  # the answer waits for the broker
+            executing = asyncio.ensure_future(client.execute(command))
+            await client.ping()  # answered after the handler passed the execute on
+            os.kill(handler, signal.SIGKILL)
+            await asyncio.to_thread(wait_for, lambda: not _alive(handler), 10, 0.05, "the handler's end")
+        job = await executing
+        result = await job.wait(20)
+        records = [r for r in await client.jobs() if r["command"] == command]
+    assert result.stdout == "once\n" and client.reconnects == 1
+    assert [r["job_id"] for r in records] == [job.job_id]
 
 
 @async_test(60)

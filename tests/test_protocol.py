@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import uuid
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -495,6 +496,23 @@ class TestParseExecute:
 
 
 # ========================================================== parse_control
+
+class TestClientJobId:
+    def test_a_job_id_the_client_chose_reaches_the_spec_and_not_the_job_itself(self):
+        job_id = uuid.uuid4().hex
+        spec = parse_execute(execute_request(command="x", job_id=job_id))
+        assert spec.job_id == job_id
+        assert "job_id" not in spec.to_dict()
+
+    def test_without_one_the_daemon_chooses(self):
+        assert parse_execute(execute_request(command="x")).job_id is None
+        assert parse_execute(execute_request(command="x", job_id=None)).job_id is None
+
+    @pytest.mark.parametrize("job_id", ["", "abc", "A" * 32, "g" * 32, "0" * 33, str(uuid.uuid4()), 12, ["x"]])
+    def test_one_that_is_not_32_lowercase_hex_digits_is_invalid_params(self, job_id):
+        error = execute_error(command="x", job_id=job_id)
+        assert error.code == p.INVALID_PARAMS and error.data["param"] == "job_id"
+
 
 class TestLabels:
     def test_labels_reach_the_spec_and_the_broker(self):

@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 import urllib.parse
+import uuid
 import weakref
 
 import psutil
@@ -19,7 +20,7 @@ import pytest
 import websockets
 
 from ccexec.client import Client, ConnectionLost, Job, RetryPolicy, RPCError
-from support import Daemon, async_test, ticker
+from support import Daemon, async_test, serves, ticker
 from wire import Wire
 
 # 200 numbered lines, one every 20 ms: long enough to interrupt, exact to compare.
@@ -152,7 +153,7 @@ async def test_killed_handler_client_resumes_with_every_byte_once(make_daemon):
         events = job.events(timeout=20)
         while (await events.__anext__())["method"] != "process.output":
             pass
-        served_by = [pid for pid in handlers if _serves(pid, client)]
+        served_by = [pid for pid in handlers if serves(pid, client)]
         assert len(served_by) == 1
         os.kill(served_by[0], signal.SIGKILL)
         result = await job.wait(60)
@@ -170,18 +171,11 @@ async def test_client_with_no_job_running_keeps_working_when_its_handler_goes(ma
     d = make_daemon()
     async with Client(d.url) as client:
         assert (await (await client.execute("echo one")).wait(20)).stdout == "one\n"
-        [served_by] = [pid for pid in d.role_pids("handler") if _serves(pid, client)]
+        [served_by] = [pid for pid in d.role_pids("handler") if serves(pid, client)]
         os.kill(served_by, signal.SIGKILL if drop == "kill -9" else signal.SIGTERM)
         await asyncio.wait_for(client.ws.wait_closed(), 20)
         assert (await (await client.execute("echo two")).wait(20)).stdout == "two\n"
     assert client.reconnects == 1
-
-
-def _serves(pid: int, client: Client) -> bool:
-    """Whether handler `pid` holds the server end of the client's connection."""
-    local = client.ws.local_address[:2]
-    return any(c.raddr and (c.raddr.ip, c.raddr.port) == tuple(local)
-               for c in psutil.Process(pid).net_connections(kind="tcp"))
 
 
 @async_test(60)
@@ -382,6 +376,35 @@ async def test_a_job_whose_execute_answer_comes_after_its_caller_gave_up_is_canc
         assert not client._early and not client._jobs
 
 
+@async_test(60)
+async def test_execute_naming_a_job_already_made_follows_it_and_nothing_runs_twice(daemon, tmp_path):
+    """What a client whose connection dropped before an execute's answer does:
+    it sends the execute again with the same job_id, and gets the job the
+    first one made, whole, whatever else the second one says."""
+    job_id, runs, go = uuid.uuid4().hex, tmp_path / "runs", tmp_path / "go"
+    command = f"echo ran >> {runs}; echo first; while [ ! -e {go} ]; do sleep 0.02; done; echo second"
+    first = await Wire.open(daemon.url)
+    assert (await first.execute(command=command, job_id=job_id, timeout=30))["job_id"] == job_id
+    await first.until(lambda m: m.get("method") == "process.output", 10)
+    again = await Wire.open(daemon.url)
+    answer = await again.execute(command="echo something else", job_id=job_id)
+    [started] = [m["params"] for m in first.of_job(job_id) if m["method"] == "process.started"]
+    assert (answer["job_id"], answer["status"], answer["pid"]) == (job_id, "started", started["pid"])
+    twice_here = await again.answer(await again.request("execute", {"command": "true", "job_id": job_id}))
+    assert twice_here["error"]["code"] == -32602 and "already followed here" in twice_here["error"]["message"]
+    go.touch()
+    for wire in (first, again):
+        assert (await wire.completed(job_id))["exit_code"] == 0
+        assert wire.text(job_id) == "first\nsecond\n"
+        assert [m["method"] for m in wire.of_job(job_id)].count("process.started") == 1
+    late = await Wire.open(daemon.url)  # after the end: its record and its output, from the journal
+    assert (await late.execute(command=command, job_id=job_id))["job_id"] == job_id
+    assert (await late.completed(job_id))["exit_code"] == 0 and late.text(job_id) == "first\nsecond\n"
+    for wire in (first, again, late):
+        await wire.close()
+    assert runs.read_text() == "ran\n"
+
+
 @async_test(90)
 async def test_resume_keeps_the_jobs_stream_mode(make_daemon, tmp_path):
     """A chunks-mode job resumed after its handler died still comes in chunks
@@ -396,7 +419,7 @@ async def test_resume_keeps_the_jobs_stream_mode(make_daemon, tmp_path):
         events = job.events(timeout=20)
         while (await events.__anext__())["method"] != "process.output":
             pass
-        [served_by] = [pid for pid in d.role_pids("handler") if _serves(pid, client)]
+        [served_by] = [pid for pid in d.role_pids("handler") if serves(pid, client)]
         os.kill(served_by, signal.SIGKILL)
         marker.touch()
         result = await job.wait(60)
