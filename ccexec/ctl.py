@@ -35,6 +35,9 @@ from ccexec import config, policy
 from ccexec.client import Client, RPCError
 
 EXIT_FAILED, EXIT_DOWN = 1, 3
+# Seconds a Circus command that stops processes may take: it waits for each
+# to exit, up to its watcher's graceful_timeout (10-15 s in etc/ccexec.ini).
+STOPPING_COMMAND_TIMEOUT = 60.0
 
 
 class Daemon:
@@ -54,18 +57,21 @@ class Daemon:
             self.settings = self.base
         self.endpoint = self.settings.circus_endpoint
 
-    def call(self, command: str, **props) -> dict:
+    def call(self, command: str, answer_within: float = 5, **props) -> dict:
+        """A Circus command; answer_within: seconds it may take (a restart
+        waits for the processes it stops, a hung one for its graceful_timeout)."""
         from circus.client import CircusClient
         from circus.exc import CallError
 
         path = self.endpoint.removeprefix("ipc://")
         if path != self.endpoint and not os.path.exists(path):  # no daemon: no need to wait for an answer
             raise click.ClickException(f"daemon not reachable at {self.endpoint}: the socket does not exist")
-        client = CircusClient(endpoint=self.endpoint, timeout=5)
+        client = CircusClient(endpoint=self.endpoint, timeout=answer_within)
         try:
             return client.call({"command": command, "properties": props})
         except CallError as exc:
-            raise click.ClickException(f"daemon not reachable at {self.endpoint}: {exc}") from None
+            raise click.ClickException(f"no answer from the daemon at {self.endpoint} "
+                                       f"within {answer_within:g} s: {exc}") from None
         finally:
             client.stop()
 
@@ -384,7 +390,8 @@ def stop(ctx: click.Context, timeout: float) -> None:
               help="Roll: new handlers first, then the old ones; restart the broker; executors "
                    "and their running jobs are left alone.")
 @click.option("--watcher", type=click.Choice(config.WATCHERS), help="Restart only this watcher.")
-@click.option("--timeout", default=60.0, show_default=True)
+@click.option("--timeout", default=STOPPING_COMMAND_TIMEOUT, show_default=True,
+              help="Seconds each watcher's restart may take, and then the wait until ready.")
 @click.pass_context
 def restart(ctx: click.Context, graceful: bool, watcher: str | None, timeout: float) -> None:
     """Restart the daemon's processes.
@@ -404,12 +411,12 @@ def restart(ctx: click.Context, graceful: bool, watcher: str | None, timeout: fl
     if graceful:
         for name in [watcher] if watcher else [w for w in ("handler", "broker") if w in present]:
             if name == "handler":
-                daemon.call("reload", name=name, graceful=True, sequential=True, waiting=True)
+                daemon.call("reload", timeout, name=name, graceful=True, sequential=True, waiting=True)
             else:
-                daemon.call("restart", name=name, waiting=True)
+                daemon.call("restart", timeout, name=name, waiting=True)
     else:
         for name in [watcher] if watcher else [w for w in config.WATCHERS if w in present]:
-            daemon.call("restart", name=name, waiting=True)
+            daemon.call("restart", timeout, name=name, waiting=True)
     ok = wait_until(daemon.is_ready, timeout, "waiting for ready")
     after = {row["pid"] for row in _watchers(daemon) if row["pid"]}
     emit(ctx, {"replaced": sorted(before - after), "started": sorted(after - before), "ready": ok},
@@ -435,7 +442,7 @@ def reload(ctx: click.Context) -> None:
     except (OSError, config.ConfigError) as exc:
         click.echo(f"cannot reload: {exc}", err=True)
         sys.exit(EXIT_FAILED)
-    answer = daemon.call("reloadconfig", waiting=True)
+    answer = daemon.call("reloadconfig", STOPPING_COMMAND_TIMEOUT, waiting=True)
     if answer.get("status") != "ok":
         click.echo(f"Circus refused the new config: {answer.get('reason')}", err=True)
         sys.exit(EXIT_FAILED)

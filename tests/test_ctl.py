@@ -185,6 +185,23 @@ def test_plain_restart_replaces_every_process_and_cancels_running_jobs(make_daem
     assert record["reason"] in ("canceled", "lost")
 
 
+def test_restart_of_a_hung_broker_waits_for_it_and_says_so(make_daemon):
+    """What an operator does about a broker that does not answer: restart
+    it. Circus gives it graceful_timeout (here 6 s) before SIGKILL, longer
+    than a Circus command was waited for."""
+    d = make_daemon(sections={"watcher:broker": {"graceful_timeout": "6"},
+                              "plugin:watchdog": {"watchers_regex": "^(handler|executor)$"}})
+    [broker] = d.role_pids("broker")
+    os.kill(broker, signal.SIGSTOP)  # hung: it handles no signal but SIGKILL
+    try:
+        restarted = ctl(d, "--json", "restart", "--watcher", "broker")
+    finally:
+        if psutil.pid_exists(broker):
+            os.kill(broker, signal.SIGCONT)
+    assert restarted.returncode == 0, restarted.stderr
+    assert json.loads(restarted.stdout)["replaced"] == [broker]
+
+
 @pytest.mark.parametrize("restart", [("--graceful",), ("--watcher", "broker")])
 @async_test(120)
 async def test_restart_of_the_broker_keeps_the_queue_in_its_order(make_daemon, tmp_path, restart):
