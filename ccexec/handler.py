@@ -188,7 +188,7 @@ class JobStream:
                 await self.wait_for_events()
                 while self.notices:
                     await self.session.send(self.notices.popleft())
-                if not self.responded:  # output may overtake the job's start on the data plane
+                if not (self.started or self.final is not None):  # output may overtake the start on the data plane
                     continue
                 for stream in STREAMS:
                     await self.deliver(stream)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import random
@@ -415,6 +416,27 @@ async def test_global_fifo_queue_positions_and_busy_error(make_daemon):
     starts = [m["params"]["job_id"] for m in wire.messages if m.get("method") == "process.started"]
     assert starts == [running["job_id"], waiting[0]["job_id"], waiting[1]["job_id"]]
     await wire.close()
+
+
+@async_test(120)
+async def test_a_queued_job_is_told_started_before_its_output(make_daemon):
+    """Jobs that wait in the queue start one by one. Their output reaches a
+    handler on the data plane, their start on the control plane: whichever
+    comes first, the client gets process.started first (it used to get
+    the output first about once in a thousand jobs)."""
+    d = make_daemon(executors=1, settings={"slots_per_executor": 1})
+
+    async def jobs_in_a_row(count: int) -> list[list[str]]:
+        wire, orders = await Wire.open(d.url), []
+        for _ in range(count):
+            result = await wire.execute(command="echo x")
+            await wire.completed(result["job_id"])
+            orders.append([m["method"] for m in wire.of_job(result["job_id"]) if m.get("method")])
+        await wire.close()
+        return orders
+    orders = [order for orders in await asyncio.gather(*(jobs_in_a_row(250) for _ in range(8))) for order in orders]
+    told_late = [order for order in orders if order.index("process.started") > order.index("process.output")]
+    assert not told_late, f"{len(told_late)} of {len(orders)}: {told_late[0]}"
 
 
 @async_test()
