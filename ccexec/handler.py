@@ -553,7 +553,9 @@ class Handler:
         self.sessions: set[Session] = set()
         self.accepted: set[ServerConnection] = set()  # connections from accept to close
         self.followers: dict[str, set[JobStream]] = {}
-        self.asked: dict[str, asyncio.Future] = {}  # broker answers awaited, by ref
+        # Broker answers awaited, by ref, with what asked for them: sent again
+        # to a broker started in place of one that died before it answered.
+        self.asked: dict[str, tuple[asyncio.Future, bytes, dict]] = {}
         self.stats: dict = {}
         self.stats_received = asyncio.Event()
         self.broker_seen = 0.0
@@ -587,6 +589,8 @@ class Handler:
             for job in streams:
                 if job.submit is not None and not job.started and job.final is None:
                     self.to_broker(bus.SUBMIT, job.submit)
+        for _, kind, question in self.asked.values():
+            self.to_broker(kind, question)
 
     def follow(self, job: JobStream) -> None:
         self.followers.setdefault(job.job_id, set()).add(job)
@@ -605,8 +609,8 @@ class Handler:
         """Send a CONTROL or QUERY and wait for the answer with the same ref."""
         ref = uuid.uuid4().hex
         future = asyncio.get_running_loop().create_future()
-        self.asked[ref] = future
-        self.to_broker(kind, {**header, "ref": ref})
+        self.asked[ref] = (future, kind, {**header, "ref": ref})
+        self.to_broker(*self.asked[ref][1:])
         try:
             return await asyncio.wait_for(future, BROKER_TIMEOUT)
         except asyncio.TimeoutError:
@@ -633,7 +637,7 @@ class Handler:
         elif kind == bus.DAEMON_STOPPING:
             self.daemon_stopping.set()
         elif kind in (bus.CONTROL_RESULT, bus.QUERY_RESULT):
-            future = self.asked.get(header.get("ref"))
+            future, _, _ = self.asked.get(header.get("ref"), (None, None, None))
             if future is not None and not future.done():
                 future.set_result(header)
         else:

@@ -178,6 +178,21 @@ async def test_job_that_starts_while_the_broker_restarts_is_recorded_and_told_as
     assert record["pid"] == result.completed["pid"]
 
 
+@async_test(60)
+async def test_request_the_broker_had_not_answered_when_it_hung_is_answered_by_the_next(make_daemon):
+    """job.status and control wait for the broker's answer. A broker that
+    hangs is killed by the watchdog and replaced; the handlers ask again."""
+    d = make_daemon()
+    [broker] = d.role_pids("broker")
+    async with Client(d.url) as client:
+        job = await client.execute("echo done")
+        await job.wait(20)
+        with _struck(broker, signal.SIGSTOP):
+            record = await client.job_status(job.job_id)  # asked the hung broker; answered by the next
+            assert not _alive(broker)
+    assert (record["state"], record["reason"]) == ("finished", "exit")
+
+
 @async_test(90)
 async def test_completion_the_broker_cannot_record_is_recorded_by_the_next_broker(make_daemon, tmp_path):
     """A broker whose job table cannot be written (a full or failing disk,
