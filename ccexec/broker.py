@@ -120,6 +120,7 @@ class Broker:
         self.restored: list[str] = []  # jobs a previous broker accepted and had not started
         self.held: dict[str, list[str]] = {}  # predecessor -> jobs sequenced after it
         self.pending_controls: dict[str, bytes] = {}  # control ref -> handler
+        self.controls_held: dict[str, list[tuple[bytes, dict]]] = {}  # of unclaimed jobs, until claimed
         self.sends_after_commit: list[Callable[[], object]] = []  # what tells of this turn's records
         self.register_asked: dict[bytes, float] = {}  # unknown peer -> when it was last asked to register
         self.timers: list[tuple[float, str, str]] = []  # (deadline, kind, job_id or executor identity)
@@ -173,6 +174,7 @@ class Broker:
                 self.count_process_exits()
             self.run_due_timers()
             self.settle_if_due()
+            self.release_held_controls()
             self.prune_if_due()
             self.send_heartbeats_if_due()
             self.publish_positions()
@@ -472,7 +474,9 @@ class Broker:
         ref = str(header.get("ref", ""))
         job = self.jobs.get(job_id)
         reply = {"job_id": job_id, "action": action, "ref": ref}
-        if job is None:
+        if job is None and job_id in self.unclaimed:  # its executor has not re-registered yet
+            self.controls_held.setdefault(job_id, []).append((identity, header))
+        elif job is None:
             self.to_handler(identity, bus.CONTROL_RESULT, {**reply, "ok": False,
                             "code": protocol.JOB_NOT_FOUND, "error": f"job {job_id} is not running"})
         elif job.state in ("running", "dispatched") and job.executor is not None:
@@ -867,6 +871,12 @@ class Broker:
         logs.event(log, "broker.settled", running=sum(1 for j in self.jobs.values() if j.state == "running"),
                    queued=len(self.queue), lost=len(lost))
         self.dispatch()
+
+    def release_held_controls(self) -> None:
+        """Controls of jobs a previous broker left, once claimed (or lost)."""
+        for job_id in [j for j in self.controls_held if j not in self.unclaimed]:
+            for identity, header in self.controls_held.pop(job_id):
+                self.control(identity, header)
 
     def all_claimed(self) -> bool:
         """Every job a previous broker left is accounted for. One restored to

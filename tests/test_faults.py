@@ -193,6 +193,33 @@ async def test_request_the_broker_had_not_answered_when_it_hung_is_answered_by_t
     assert (record["state"], record["reason"]) == ("finished", "exit")
 
 
+@async_test(60)
+async def test_cancel_of_a_job_whose_executor_has_not_re_registered_waits_for_it(make_daemon):
+    """Right after a broker restart a running job is known only from the
+    job table until its executor re-registers: a CANCEL meanwhile is carried
+    out once it has, not refused while the job runs on."""
+    d = make_daemon(sections={"plugin:watchdog": {"watchers_regex": "^(broker|handler)$"}})  # executors frozen at will
+    executors, [old_broker] = d.role_pids("executor"), d.role_pids("broker")
+    async with Client(d.url) as client:
+        job = await client.execute("echo begun; sleep 30")
+        await _first_output(job)
+        for pid in executors:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            os.kill(old_broker, signal.SIGKILL)
+            await asyncio.to_thread(wait_for, lambda: [p for p in d.role_pids("broker") if p != old_broker], 10,
+                                    0.05, "a new broker")
+            canceling = asyncio.ensure_future(job.control("CANCEL"))
+            await client.job_status(job.job_id)  # answered after the broker read the CANCEL, sent first
+        finally:
+            for pid in executors:
+                os.kill(pid, signal.SIGCONT)
+        answer = await canceling
+        result = await job.wait(20)
+    assert answer["status"] == "canceled"
+    assert result.reason == "canceled" and result.stdout == "begun\n"
+
+
 @async_test(90)
 async def test_completion_the_broker_cannot_record_is_recorded_by_the_next_broker(make_daemon, tmp_path):
     """A broker whose job table cannot be written (a full or failing disk,
