@@ -903,15 +903,16 @@ class Broker:
             job = self.jobs.get(key)
             if kind == "detach_grace" and job is not None and job.grace_deadline == deadline:
                 logs.event(log, "job.abandoned", job_id=key, grace=self.settings.detach_grace)
-                self.control_by_broker(job, "CANCEL")
+                self.cancel_abandoned(job)
             elif kind == "executor_exited" and key.encode() in self.executors:
                 self.lose_executor(key.encode(), f"exit code {self.executors[key.encode()].exit_code}")
 
-    def control_by_broker(self, job: Job, action: str) -> None:
+    def cancel_abandoned(self, job: Job) -> None:
+        why = "canceled: its client went away"
         if job.state in ("running", "dispatched") and job.executor is not None:
-            self.to_executor(job.executor, bus.CONTROL, {"job_id": job.job_id, "action": action, "ref": ""})
+            self.to_executor(job.executor, bus.CONTROL, {"job_id": job.job_id, "action": "CANCEL", "ref": "", "why": why})
         else:
-            self.finish_unstarted(job, "canceled", "canceled: its client went away")
+            self.finish_unstarted(job, "canceled", why)
 
     def with_addresses_elsewhere(self, stats: dict, identity: bytes) -> dict:
         """For max_sessions_per_address: the other handlers' connections by client address."""

@@ -609,9 +609,10 @@ class Executor:
         job = self.jobs.get(header.get("job_id"))
         action = header.get("action")
         reply = {"job_id": header.get("job_id"), "action": action, "ref": header.get("ref", "")}
+        why = str(header.get("why") or "canceled on request")  # the broker's when it cancels by itself
         if job is not None and job.pid is None and action == "CANCEL" and job.ended_by is None:
             # Dispatched, not started yet: it never starts, or is ended as soon as it has.
-            job.ended_by, job.ended_error = "canceled", "canceled on request"
+            job.ended_by, job.ended_error = "canceled", why
             await self.send(bus.CONTROL_RESULT, {**reply, "ok": True, "status": "canceled", "pid": None, "pgid": None})
             return
         if job is None or job.pid is None or job.proc.returncode is not None:
@@ -622,7 +623,7 @@ class Executor:
         await self.send(bus.CONTROL_RESULT, {**reply, "ok": True, "status": status,
                                              "pid": job.pid, "pgid": job.pid})
         if action == "CANCEL":
-            self.spawn_task(self.end_job(job, "canceled", "canceled on request"))
+            self.spawn_task(self.end_job(job, "canceled", why))
         else:
             job.paused = action == "PAUSE"
             await self.in_thread(signal_tree, job.pid, signal.SIGSTOP if job.paused else signal.SIGCONT)

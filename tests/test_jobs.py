@@ -464,6 +464,12 @@ async def test_disconnect_cancels_the_job_after_detach_grace(daemon):
     closed_at = time.monotonic()
     wait_for(lambda: not _alive([result["pid"]]), 20, 0.1, "abandoned job to end")
     assert time.monotonic() - closed_at >= 2.5  # detach_grace is 3 s in the test config
+    asking = await Wire.open(daemon.url)
+    while (record := (await asking.answer(await asking.request("job.status", {"job_id": result["job_id"]})))[
+            "result"])["state"] != "finished":
+        await asyncio.sleep(0.05)
+    await asking.close()
+    assert (record["reason"], record["error"]) == ("canceled", "canceled: its client went away")
 
 
 @async_test(60)
