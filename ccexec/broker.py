@@ -124,6 +124,8 @@ class Broker:
         self.sends_after_commit: list[Callable[[], object]] = []  # what tells of this turn's records
         self.register_asked: dict[bytes, float] = {}  # unknown peer -> when it was last asked to register
         self.timers: list[tuple[float, str, str]] = []  # (deadline, kind, job_id or executor identity)
+        if not self.settled:  # by then handlers have re-registered, and said which jobs their clients follow
+            self.timers.append((self.settle_deadline, "unfollowed", ""))
         self.metrics = PoolMetrics()
         # Circus's event stream: every process exit, for the restart counters.
         self.circus_events = ctx.socket(zmq.SUB)
@@ -392,9 +394,13 @@ class Broker:
         if job is None:
             return
         job.subscribers.discard(identity)
+        self.count_down_if_unfollowed(job)
+
+    def count_down_if_unfollowed(self, job: Job) -> None:
+        """A job no client follows is canceled after detach_grace, unless detached."""
         if not job.subscribers and not job.spec.get("detach"):
             job.grace_deadline = time.monotonic() + self.settings.detach_grace
-            heapq.heappush(self.timers, (job.grace_deadline, "detach_grace", job_id))
+            heapq.heappush(self.timers, (job.grace_deadline, "detach_grace", job.job_id))
 
     def submit(self, identity: bytes, header: dict) -> None:
         job_id = bus.header_field(header, "job_id", str)
@@ -904,6 +910,9 @@ class Broker:
             if kind == "detach_grace" and job is not None and job.grace_deadline == deadline:
                 logs.event(log, "job.abandoned", job_id=key, grace=self.settings.detach_grace)
                 self.cancel_abandoned(job)
+            elif kind == "unfollowed":  # jobs whose clients left while no broker ran
+                for each in list(self.jobs.values()):
+                    self.count_down_if_unfollowed(each)
             elif kind == "executor_exited" and key.encode() in self.executors:
                 self.lose_executor(key.encode(), f"exit code {self.executors[key.encode()].exit_code}")
 

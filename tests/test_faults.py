@@ -220,6 +220,24 @@ async def test_cancel_of_a_job_whose_executor_has_not_re_registered_waits_for_it
     assert result.reason == "canceled" and result.stdout == "begun\n"
 
 
+@async_test(60)
+async def test_job_whose_client_left_while_the_broker_was_down_is_canceled_after_detach_grace(make_daemon):
+    """The client's DETACH went to a broker that was gone: the next one
+    learns who follows which job as handlers re-register, and counts down
+    for the jobs nobody follows, as §6 says."""
+    d = make_daemon()  # detach_grace 3
+    [broker] = d.role_pids("broker")
+    leaving = Client(d.url, resume=False)
+    await leaving.connect()
+    job = await leaving.execute("echo begun; sleep 30")
+    await _first_output(job)
+    os.kill(broker, signal.SIGKILL)
+    await leaving.close()
+    async with Client(d.url) as observer:
+        record = await _finished_record(observer, job.job_id, 20)
+    assert (record["reason"], record["error"]) == ("canceled", "canceled: its client went away")
+
+
 @async_test(90)
 async def test_completion_the_broker_cannot_record_is_recorded_by_the_next_broker(make_daemon, tmp_path):
     """A broker whose job table cannot be written (a full or failing disk,
