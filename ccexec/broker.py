@@ -827,12 +827,15 @@ class Broker:
         self.next_heartbeat = 0.0
 
     def lose_executor(self, identity: bytes, why: str) -> None:
-        """An executor died or its node is cut off: its jobs end `lost`."""
+        """An executor exited or its node is cut off: the jobs it had end `lost`."""
         peer = self.executors.pop(identity, None)
         if peer is None:
             return
-        logs.event(log, "executor.lost", logging.WARNING, executor=identity.decode(),
-                   why=why, jobs=len(peer.jobs))
+        if peer.stopping and not peer.jobs:  # it said it would stop, reported its jobs' ends and did
+            logs.event(log, "executor.exited", executor=identity.decode(), why=why)
+        else:
+            logs.event(log, "executor.lost", logging.WARNING, executor=identity.decode(),
+                       why=why, jobs=len(peer.jobs))
         self.pool_changed()
         for job_id in list(peer.jobs):
             job = self.jobs.get(job_id)
