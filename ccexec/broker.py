@@ -39,7 +39,7 @@ SETTLE_TIME = PEER_TIMEOUT
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 STOP_MARGIN = 3.0  # seconds past kill_grace a stopping broker waits for executors' last reports
 REGISTER_ASK_INTERVAL = 1.0  # seconds
-EXIT_GRACE = 0.5  # seconds an executor Circus reaped has for its last messages to be read before its jobs are lost
+EXIT_GRACE = 0.5  # seconds what an executor or handler Circus reaped sent last has to be read in
 MAX_RESENDS = 5  # times a remote job's missing output is asked for again before its record is closed
 
 
@@ -57,7 +57,7 @@ class Peer:
     pid: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
     stopping: bool = False  # an executor that takes no more jobs: it ends the ones it runs and exits
-    exit_code: int | None = None  # a local executor's, once Circus has reaped it
+    exit_code: int | None = None  # a local executor's or handler's, once Circus has reaped it
 
     @property
     def free(self) -> int:
@@ -221,22 +221,23 @@ class Broker:
             parts = frames[0].decode(errors="replace").split(".")
             if len(parts) == 3 and parts[2] == "reap":
                 self.metrics.watcher_exited(parts[1])
-                if parts[1] == "executor" and len(frames) > 1:
-                    self.executor_exited(frames[1])
+                if len(frames) > 1:
+                    self.process_exited(parts[1], frames[1])
 
-    def executor_exited(self, body: bytes) -> None:
-        """A local executor died (kill -9, the OOM killer, a crash): its jobs
-        are lost now rather than a heartbeat timeout later, once what it sent
-        before it died had time to be read."""
+    def process_exited(self, watcher: str, body: bytes) -> None:
+        """One of this host's executors or handlers exited (stopped, or died:
+        kill -9, the OOM killer, a crash). It is given up once what it sent
+        before had time to be read, not a heartbeat timeout later: a dead
+        executor's jobs end lost, a handler's clients' jobs count down."""
         try:
             event = json.loads(body)
             pid, exit_code = event["process_pid"], event.get("exit_code")
         except (ValueError, TypeError, KeyError):
             return
-        for peer in self.executors.values():
+        for peer in {"executor": self.executors, "handler": self.handlers}.get(watcher, {}).values():
             if not peer.remote and peer.pid == pid:
                 peer.exit_code = exit_code
-                heapq.heappush(self.timers, (time.monotonic() + EXIT_GRACE, "executor_exited", peer.identity.decode()))
+                heapq.heappush(self.timers, (time.monotonic() + EXIT_GRACE, f"{watcher}_exited", peer.identity.decode()))
 
     def stop(self, *_: object) -> None:
         """SIGTERM: dispatch nothing more. If the executors stop too (the
@@ -294,7 +295,8 @@ class Broker:
             raise
 
     def to_handler(self, identity: bytes, kind: bytes, header: dict, *payload: bytes) -> None:
-        if not self._send(self.frontend, identity, bus.pack(kind, header, *payload)) and kind != bus.HEARTBEAT:
+        if not self._send(self.frontend, identity, bus.pack(kind, header, *payload)) \
+                and kind not in (bus.HEARTBEAT, bus.DAEMON_STOPPING):  # a stopping handler may be gone already
             # Output is in the journal and is re-read from there; anything
             # else is lost only for a handler that is dead or frozen, whose
             # clients reconnect and attach.
@@ -355,7 +357,7 @@ class Broker:
             self.to_handler(identity, bus.QUERY_RESULT, {"ref": header.get("ref"), **self.query(identity, header)})
 
     def register_handler(self, identity: bytes, header: dict) -> None:
-        self.handlers[identity] = Peer(identity, time.monotonic(),
+        self.handlers[identity] = Peer(identity, time.monotonic(), pid=header.get("pid"),
                                        connections=int(header.get("connections", 0)))
         for job_id in header.get("jobs", []):
             self.subscribe(identity, job_id)
@@ -817,7 +819,7 @@ class Broker:
         stats = self.heartbeat_header()
         for identity, peer in list(self.handlers.items()):
             if now - peer.last_seen > PEER_TIMEOUT:
-                self.lose_handler(identity)
+                self.lose_handler(identity, "heartbeat timeout")
             else:
                 self.to_handler(identity, bus.HEARTBEAT, self.with_addresses_elsewhere(stats, identity))
 
@@ -859,9 +861,12 @@ class Broker:
             "execution_time": time.time() - (job.started_at or job.created_at),
             **journal.recorded_sizes(self.settings.jobs_dir, job.job_id)})
 
-    def lose_handler(self, identity: bytes) -> None:
-        self.handlers.pop(identity, None)
-        logs.event(log, "handler.lost", logging.WARNING, handler=identity.decode())
+    def lose_handler(self, identity: bytes, why: str) -> None:
+        peer = self.handlers.pop(identity, None)
+        if peer is not None and peer.exit_code == 0:  # a restart, a reload
+            logs.event(log, "handler.exited", handler=identity.decode())
+        else:
+            logs.event(log, "handler.lost", logging.WARNING, handler=identity.decode(), why=why)
         for job in list(self.jobs.values()):
             if identity in job.subscribers:
                 self.unsubscribe(identity, job.job_id)
@@ -918,6 +923,8 @@ class Broker:
                     self.count_down_if_unfollowed(each)
             elif kind == "executor_exited" and key.encode() in self.executors:
                 self.lose_executor(key.encode(), f"exit code {self.executors[key.encode()].exit_code}")
+            elif kind == "handler_exited" and key.encode() in self.handlers:
+                self.lose_handler(key.encode(), f"exit code {self.handlers[key.encode()].exit_code}")
 
     def cancel_abandoned(self, job: Job) -> None:
         why = "canceled: its client went away"

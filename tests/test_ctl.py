@@ -185,16 +185,17 @@ def test_plain_restart_replaces_every_process_and_cancels_running_jobs(make_daem
     assert record["reason"] in ("canceled", "lost")
 
 
-def test_executors_restarted_on_purpose_are_not_logged_as_lost(make_daemon):
+@pytest.mark.parametrize("watcher", ["executor", "handler"])
+def test_processes_restarted_on_purpose_are_not_logged_as_lost(make_daemon, watcher):
     """Operators tail the log for warnings: a restart is not one."""
     d = make_daemon()
-    old = d.role_pids("executor")
-    restarted = ctl(d, "restart", "--watcher", "executor")
+    old = d.role_pids(watcher)
+    restarted = ctl(d, "restart", "--watcher", watcher)
     assert restarted.returncode == 0, restarted.stderr
     for pid in old:
-        wait_for(lambda: f"executor.exited executor=executor-{pid}" in d.log_tail(200), 10, 0.1,
-                 f"the broker to see executor {pid} go")
-    assert "executor.lost" not in d.log_tail(200)
+        wait_for(lambda: f"{watcher}.exited {watcher}={watcher}-{pid}" in d.log_tail(200), 10, 0.1,
+                 f"the broker to see {watcher} {pid} go")
+    assert " WARNING " not in d.log_tail(200)
 
 
 def test_restart_of_a_hung_broker_waits_for_it_and_says_so(make_daemon):
