@@ -123,7 +123,7 @@ class Broker:
         self.controls_held: dict[str, list[tuple[bytes, dict]]] = {}  # of unclaimed jobs, until claimed
         self.sends_after_commit: list[Callable[[], object]] = []  # what tells of this turn's records
         self.register_asked: dict[bytes, float] = {}  # unknown peer -> when it was last asked to register
-        self.timers: list[tuple[float, str, str]] = []  # (deadline, kind, job_id or executor identity)
+        self.timers: list[tuple[float, str, str]] = []  # (deadline, kind, job_id or a peer's identity)
         if not self.settled:  # by then handlers have re-registered, and said which jobs their clients follow
             self.timers.append((self.settle_deadline, "unfollowed", ""))
         self.metrics = PoolMetrics()
