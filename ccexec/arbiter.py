@@ -79,6 +79,22 @@ def free_udp_port() -> int:
         return s.getsockname()[1]
 
 
+# What each process needs past [ccexec] kill_grace to stop as it should:
+# the shipped graceful_timeouts (10, 10 and 15 s) are these plus the default
+# kill_grace of 2 s.
+STOP_TIME_PAST_KILL_GRACE = {"watcher:broker": 8.0, "watcher:executor": 8.0, "watcher:handler": 13.0}
+
+
+def fit_graceful_timeouts(ini: configparser.ConfigParser, settings: config.Settings) -> None:
+    """A kill_grace longer than the shipped one raises the watchers'
+    graceful_timeout with it: else Circus would SIGKILL an executor still
+    waiting for its jobs to end, and their records would say lost."""
+    for section, past_kill_grace in STOP_TIME_PAST_KILL_GRACE.items():
+        if ini.has_section(section):
+            configured = ini.getfloat(section, "graceful_timeout", fallback=30.0)  # Circus's default
+            ini.set(section, "graceful_timeout", f"{max(configured, settings.kill_grace + past_kill_grace):g}")
+
+
 def resolve(config_file: str | None, *, nofile: int | None = None,
             **overrides) -> tuple[config.Settings, configparser.ConfigParser]:
     """The configuration, with every value this run will use filled in
@@ -103,6 +119,7 @@ def resolve(config_file: str | None, *, nofile: int | None = None,
         # absolute, whatever the children's cwd
         ini.set("ccexec", key, getattr(settings, key))
     cap_rlimits(ini, nofile_ceiling() if nofile is None else nofile)
+    fit_graceful_timeouts(ini, settings)
     if settings.log_dir:
         log_to_files(ini, settings)
     return config.settings_from_ini(ini), ini
