@@ -609,8 +609,9 @@ class Handler:
         """Send a CONTROL or QUERY and wait for the answer with the same ref."""
         ref = uuid.uuid4().hex
         future = asyncio.get_running_loop().create_future()
-        self.asked[ref] = (future, kind, {**header, "ref": ref})
-        self.to_broker(*self.asked[ref][1:])
+        question = {**header, "ref": ref}
+        self.asked[ref] = (future, kind, question)
+        self.to_broker(kind, question)
         try:
             return await asyncio.wait_for(future, BROKER_TIMEOUT)
         except asyncio.TimeoutError:
