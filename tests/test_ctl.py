@@ -315,10 +315,10 @@ def test_stop_cancels_the_queued_jobs_and_records_it(make_daemon):
 
 
 def test_stop_with_a_kill_grace_past_the_shipped_graceful_timeout_still_ends_jobs_as_canceled(make_daemon):
-    """kill_grace 12 s, a job that ignores SIGTERM: its executor waits the
-    12 s before SIGKILL, and Circus (10 s for an executor as shipped) must
+    """kill_grace 11 s, a job that ignores SIGTERM: its executor waits the
+    11 s before SIGKILL, and Circus (10 s for an executor as shipped) must
     not kill the executor first, leaving the record to say lost."""
-    d = make_daemon(settings={"kill_grace": 12})
+    d = make_daemon(settings={"kill_grace": 11})
     job_id = ctl(d, "run", "--detach", "--", "sh", "-c", "trap '' TERM; echo up; sleep 60").stdout.strip()
     wait_for(lambda: json.loads(ctl(d, "--json", "job", job_id).stdout)["state"] == "running", 10, 0.1, "the start")
     assert d.stop() == 0

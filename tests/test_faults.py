@@ -225,7 +225,7 @@ async def test_job_whose_client_left_while_the_broker_was_down_is_canceled_after
     """The client's DETACH went to a broker that was gone: the next one
     learns who follows which job as handlers re-register, and counts down
     for the jobs nobody follows, as §6 says."""
-    d = make_daemon()  # detach_grace 3
+    d = make_daemon(settings={"detach_grace": 1})
     [broker] = d.role_pids("broker")
     leaving = Client(d.url, resume=False)
     await leaving.connect()
