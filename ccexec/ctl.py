@@ -137,7 +137,11 @@ def _watchers(daemon: Daemon) -> list[dict]:
     for name in sorted(daemon.call("list").get("watchers", [])):
         status = daemon.call("status", name=name).get("status")
         pids = sorted(daemon.call("list", name=name).get("pids", []))
-        rows += [{"watcher": name, "status": status, "pid": pid, **_describe(pid)} for pid in pids]
+        for pid in pids:
+            described = _describe(pid)
+            # Stopped by SIGSTOP or a debugger, it serves nobody until continued.
+            rows.append({"watcher": name, "status": "frozen" if described.pop("stopped", False) else status,
+                         "pid": pid, **described})
         if not pids:
             rows.append({"watcher": name, "status": status, "pid": None, **NO_PROCESS})
     return rows
@@ -148,7 +152,8 @@ def _describe(pid: int) -> dict:
         process = psutil.Process(pid)
         with process.oneshot():
             return {"rss_mib": round(process.memory_info().rss / 2**20, 1),
-                    "uptime": round(time.time() - process.create_time(), 1), "cmdline": process.name()}
+                    "uptime": round(time.time() - process.create_time(), 1), "cmdline": process.name(),
+                    "stopped": process.status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)}
     except psutil.Error:  # it ended meanwhile
         return NO_PROCESS
 

@@ -149,6 +149,20 @@ def test_reload_changes_pool_sizes_live(make_daemon):
     assert d.ready()
 
 
+def test_status_shows_a_frozen_process_as_frozen(make_daemon):
+    """A process stopped by SIGSTOP (or a debugger) is alive to Circus,
+    and serves nobody: status says which."""
+    d = make_daemon(sections={"plugin:watchdog": {"watchers_regex": "^(broker|handler)$"}})  # not killed meanwhile
+    frozen, running = d.role_pids("executor")
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        shown = json.loads(ctl(d, "--json", "status").stdout)["processes"]
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    status = {row["pid"]: row["status"] for row in shown}
+    assert (status[frozen], status[running]) == ("frozen", "active")
+
+
 @async_test(120)
 async def test_status_and_restart_see_every_process_while_jobs_come_and_go(make_daemon):
     d = make_daemon()
