@@ -79,20 +79,18 @@ def free_udp_port() -> int:
         return s.getsockname()[1]
 
 
-# What each process needs past [ccexec] kill_grace to stop as it should:
-# the shipped graceful_timeouts (10, 10 and 15 s) are these plus the default
-# kill_grace of 2 s.
-STOP_TIME_PAST_KILL_GRACE = {"watcher:broker": 8.0, "watcher:executor": 8.0, "watcher:handler": 13.0}
-
-
 def fit_graceful_timeouts(ini: configparser.ConfigParser, settings: config.Settings) -> None:
-    """A kill_grace longer than the shipped one raises the watchers'
-    graceful_timeout with it: else Circus would SIGKILL an executor still
-    waiting for its jobs to end, and their records would say lost."""
-    for section, past_kill_grace in STOP_TIME_PAST_KILL_GRACE.items():
+    """A watcher's graceful_timeout is set for the default kill_grace; a
+    longer kill_grace adds what it exceeds that by. Else Circus would SIGKILL
+    an executor still waiting for its jobs to end, and their records would
+    say lost."""
+    excess = settings.kill_grace - config.Settings.kill_grace
+    if excess <= 0:
+        return
+    for section in ("watcher:broker", "watcher:executor", "watcher:handler"):
         if ini.has_section(section):
             configured = ini.getfloat(section, "graceful_timeout", fallback=30.0)  # Circus's default
-            ini.set(section, "graceful_timeout", f"{max(configured, settings.kill_grace + past_kill_grace):g}")
+            ini.set(section, "graceful_timeout", f"{configured + excess:g}")
 
 
 def resolve(config_file: str | None, *, nofile: int | None = None,

@@ -416,12 +416,13 @@ def restart(ctx: click.Context, graceful: bool, watcher: str | None, timeout: fl
     if graceful:
         for name in [watcher] if watcher else [w for w in ("handler", "broker") if w in present]:
             if name == "handler":
-                daemon.call("reload", timeout, name=name, graceful=True, sequential=True, waiting=True)
+                daemon.call("reload", answer_within=timeout, name=name, graceful=True, sequential=True,
+                            waiting=True)
             else:
-                daemon.call("restart", timeout, name=name, waiting=True)
+                daemon.call("restart", answer_within=timeout, name=name, waiting=True)
     else:
         for name in [watcher] if watcher else [w for w in config.WATCHERS if w in present]:
-            daemon.call("restart", timeout, name=name, waiting=True)
+            daemon.call("restart", answer_within=timeout, name=name, waiting=True)
     ok = wait_until(daemon.is_ready, timeout, "waiting for ready")
     after = {row["pid"] for row in _watchers(daemon) if row["pid"]}
     emit(ctx, {"replaced": sorted(before - after), "started": sorted(after - before), "ready": ok},
@@ -447,7 +448,7 @@ def reload(ctx: click.Context) -> None:
     except (OSError, config.ConfigError) as exc:
         click.echo(f"cannot reload: {exc}", err=True)
         sys.exit(EXIT_FAILED)
-    answer = daemon.call("reloadconfig", STOPPING_COMMAND_TIMEOUT, waiting=True)
+    answer = daemon.call("reloadconfig", answer_within=STOPPING_COMMAND_TIMEOUT, waiting=True)
     if answer.get("status") != "ok":
         click.echo(f"Circus refused the new config: {answer.get('reason')}", err=True)
         sys.exit(EXIT_FAILED)
