@@ -508,7 +508,8 @@ class TestClientJobId:
         assert parse_execute(execute_request(command="x")).job_id is None
         assert parse_execute(execute_request(command="x", job_id=None)).job_id is None
 
-    @pytest.mark.parametrize("job_id", ["", "abc", "A" * 32, "g" * 32, "0" * 33, str(uuid.uuid4()), 12, ["x"]])
+    @pytest.mark.parametrize("job_id", ["", "abc", "A" * 32, "g" * 32, "0" * 33,
+                                        "5f0c8e2a-3b1d-4c6e-9a7f-0d2e4b6c8a1f", 12, ["x"]])
     def test_one_that_is_not_32_lowercase_hex_digits_is_invalid_params(self, job_id):
         error = execute_error(command="x", job_id=job_id)
         assert error.code == p.INVALID_PARAMS and error.data["param"] == "job_id"
