@@ -63,10 +63,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def recover(settings: config.Settings, effective_config: str) -> None:
     """Take over from a crashed instance, then check the port is ours to bind."""
-    stale = leftovers.stale_processes(settings, effective_config)
-    if stale:
-        leftovers.end_stale_processes(stale)
-    leftovers.reap_orphan_jobs(settings)
+    leftovers.reap_orphan_jobs(settings, leftovers.stale_processes(settings, effective_config))
     if not settings.remote:
         check_port_free(settings.host, settings.port)
     if settings.remote_listen:  # the broker binds it; a clash would only show as a broker that keeps dying

@@ -20,12 +20,13 @@ import sqlite3
 import sys
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
 import zmq
 
-from ccexec import bus, config, journal, logs, protocol, remote, store
+from ccexec import bus, config, journal, leftovers, logs, protocol, remote, store
 from ccexec.journal import JournalReplica
 from ccexec.liveness import WatchdogPulse
 from ccexec.metrics import PoolMetrics
@@ -127,6 +128,7 @@ class Broker:
         if not self.settled:  # by then handlers have re-registered, and said which jobs their clients follow
             self.timers.append((self.settle_deadline, "unfollowed", ""))
         self.metrics = PoolMetrics()
+        self.reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reaper")  # kill_job_processes
         # Circus's event stream: every process exit, for the restart counters.
         self.circus_events = ctx.socket(zmq.SUB)
         self.circus_events.setsockopt(zmq.LINGER, 0)
@@ -192,6 +194,7 @@ class Broker:
         if self.remote:
             self.remote.close()
         self.store.close()
+        self.reaper.shutdown()
         logs.event(log, "broker.stopped", pid=os.getpid())
 
     @staticmethod
@@ -839,27 +842,31 @@ class Broker:
             logs.event(log, "executor.lost", logging.WARNING, executor=identity.decode(),
                        why=why, jobs=len(peer.jobs))
         self.pool_changed()
-        for job_id in list(peer.jobs):
-            job = self.jobs.get(job_id)
-            if job is not None:
-                self.lose(job, f"lost contact with executor node {peer.node} ({why})" if peer.remote
-                          else f"the executor running this job died ({why})")
+        self.lose([self.jobs[job_id] for job_id in peer.jobs if job_id in self.jobs],
+                  f"lost contact with executor node {peer.node} ({why})" if peer.remote
+                  else f"the executor running this job died ({why})")
 
-    def lose(self, job: Job, why: str) -> None:
-        """End a job whose executor is gone; kill what is left of its group
-        (here; an executor node ends its own jobs when it loses the head)."""
-        if job.replica is not None:
-            job.replica.close()
-        if job.pgid and not job.remote:
-            try:
-                os.killpg(job.pgid, signal.SIGKILL)
-            except OSError:
-                pass
-        self.finish(job, {
-            "job_id": job.job_id, "pid": job.pid, "pgid": job.pgid, "exit_code": -signal.SIGKILL,
-            "reason": "lost", "error": why,
-            "execution_time": time.time() - (job.started_at or job.created_at),
-            **journal.recorded_sizes(self.settings.jobs_dir, job.job_id)})
+    def lose(self, jobs: list[Job], why: str) -> None:
+        """End jobs whose executor is gone and kill what is left of them:
+        their groups at once, then, in a worker thread, every process that
+        carries their id (here; an executor node ends its own jobs when it
+        loses the head)."""
+        local = {job.job_id for job in jobs if not job.remote}
+        for job in jobs:
+            if job.replica is not None:
+                job.replica.close()
+            if job.pgid and job.job_id in local:
+                try:
+                    os.killpg(job.pgid, signal.SIGKILL)
+                except OSError:
+                    pass
+            self.finish(job, {
+                "job_id": job.job_id, "pid": job.pid, "pgid": job.pgid, "exit_code": -signal.SIGKILL,
+                "reason": "lost", "error": why,
+                "execution_time": time.time() - (job.started_at or job.created_at),
+                **journal.recorded_sizes(self.settings.jobs_dir, job.job_id)})
+        if local:
+            self.reaper.submit(leftovers.kill_job_processes, local)
 
     def lose_handler(self, identity: bytes, why: str) -> None:
         peer = self.handlers.pop(identity, None)
@@ -880,8 +887,7 @@ class Broker:
         self.restored.clear()
         self.pool_changed()
         lost = list(self.unclaimed)
-        for job_id in lost:
-            self.lose(self.claim(job_id), "no executor or client claimed it after the broker restarted")
+        self.lose([self.claim(job_id) for job_id in lost], "no executor or client claimed it after the broker restarted")
         logs.event(log, "broker.settled", running=sum(1 for j in self.jobs.values() if j.state == "running"),
                    queued=len(self.queue), lost=len(lost))
         self.dispatch()

@@ -377,8 +377,9 @@ class Executor:
         self.unacked[job_id] = completed
         await self.send(bus.COMPLETED, completed)
 
-    def environment(self, requested: dict[str, str] | None) -> dict[str, str]:
-        return job_environment(self.settings, self.daemon_env, requested) if requested else self.plain_env
+    def environment(self, job_id: str, requested: dict[str, str] | None) -> dict[str, str]:
+        env = job_environment(self.settings, self.daemon_env, requested) if requested else self.plain_env
+        return {**env, leftovers.JOB_ENV: job_id}
 
     async def execute(self, job: RunningJob, journal: JournalWriter, cwd: str) -> tuple[int, str, str | None]:
         """Run the job to its end: (exit_code, reason, error)."""
@@ -395,7 +396,7 @@ class Executor:
         stdin_pipe = os.pipe2(os.O_CLOEXEC) if stdin_text is not None else None
         try:
             job.proc = await asyncio.create_subprocess_exec(
-                *argv, cwd=cwd, env=self.environment(job.spec.get("env")),
+                *argv, cwd=cwd, env=self.environment(job.job_id, job.spec.get("env")),
                 stdin=stdin_pipe[0] if stdin_pipe is not None else asyncio.subprocess.DEVNULL,
                 stdout=pipes["stdout"][1], stderr=pipes["stderr"][1], start_new_session=True)
         except OSError as exc:

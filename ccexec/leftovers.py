@@ -26,6 +26,10 @@ log = logging.getLogger("ccexec.arbiter")
 
 STALE_GRACE = 10.0  # seconds stale executors get to end their jobs' trees on SIGTERM
 OWNER_FILE = "owner"  # on an executor node, in a job's journal directory: who runs its group
+# In every job's environment: its id. How a job's processes are found once its
+# executor is gone, in the job's group or not, reported to the broker or not.
+JOB_ENV = "CCEXEC_JOB_ID"
+KILL_PASSES = 5  # a process can fork while a pass reads past its child's PID
 
 
 class DaemonRunning(Exception):
@@ -119,10 +123,39 @@ def _group_leader_matches(pgid: int, started_at: float | None) -> bool:
         return False
 
 
-def reap_orphan_jobs(settings: config.Settings) -> int:
-    """Kill the process groups of jobs a crashed instance left; mark them lost."""
+def kill_job_processes(job_ids: set[str]) -> int:
+    """SIGKILL every process of this user whose environment names one of
+    job_ids (JOB_ENV): what is left of jobs whose executor died, including
+    processes that left the job's group (setsid, a double fork) and jobs
+    whose executor died before it could report their group. Blocking: it
+    reads every process's environment; run it in a worker thread."""
+    uid, killed = os.getuid(), set()
+    for _ in range(KILL_PASSES):
+        found = set()
+        for proc in psutil.process_iter(["uids"]):
+            try:
+                if proc.info["uids"] and proc.info["uids"].real == uid and proc.environ().get(JOB_ENV) in job_ids:
+                    proc.kill()
+                    found.add(proc.pid)
+            except psutil.Error:
+                continue
+        if found <= killed:
+            break
+        killed |= found
+    return len(killed)
+
+
+def reap_orphan_jobs(settings: config.Settings, stale: list[psutil.Process]) -> int:
+    """End what a crashed instance left: its processes (stale), then the
+    groups of the jobs it was running and every process carrying one of
+    their ids; mark those jobs lost."""
     store = JobStore(settings.state_dir)
     try:
+        # Read first: the stale executors end their jobs as they go, and
+        # processes a job started outside its group outlive that.
+        running = {record["job_id"] for record in store.unfinished()}
+        if stale:
+            end_stale_processes(stale)
         records = store.unfinished()
         for record in records:
             pgid = record["pgid"]
@@ -140,6 +173,7 @@ def reap_orphan_jobs(settings: config.Settings) -> int:
                 **journal.recorded_sizes(settings.jobs_dir, record["job_id"])})
             logs.event(log, "job.finished", logging.WARNING, job_id=record["job_id"], reason="lost",
                        pgid=pgid, error="left by a previous instance")
+        kill_job_processes(running | {record["job_id"] for record in records})
         return len(records)
     finally:
         store.close()

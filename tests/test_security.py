@@ -320,7 +320,8 @@ async def test_environment_policy(make_daemon):
     assert {"PATH", "HOME", "LC_TEST_LOCALE"} <= set(env)              # always passed
     assert "DROP_ME" not in env                                        # not in env_pass
     assert "ANTHROPIC_API_KEY" not in env                              # env_remove wins over everyone
-    assert not [k for k in env if k.startswith(("CCEXEC_", "CIRCUS"))]
+    assert [k for k in env if k.startswith(("CCEXEC_", "CIRCUS"))] == ["CCEXEC_JOB_ID"]
+    assert env["CCEXEC_JOB_ID"] == completed["job_id"]                 # its own id
     error = await _refused(wire, argv=["env"], env={"LD_PRELOAD": "/tmp/evil.so"})
     assert error["code"] == -32001 and "LD_PRELOAD" in error["message"]
     assert error["data"] == {"env": "LD_PRELOAD", "reason": "env"}
