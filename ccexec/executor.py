@@ -82,13 +82,16 @@ def job_environment(settings: config.Settings, daemon_env: dict[str, str], reque
                                   remove=settings.env_remove)
 
 
-def signal_tree(pgid: int, sig: int) -> None:
-    """Signal a job's process group and every descendant that left it."""
+def signal_tree(job_id: str, pgid: int, sig: int) -> None:
+    """Signal a job's process group and every process of the job that left
+    it: descendants, and processes carrying its id (a double fork leaves no
+    descendant). Blocking: run it in a worker thread."""
     try:
-        leader = psutil.Process(pgid)
-        escaped = [p for p in leader.children(recursive=True) if _pgid(p.pid) != pgid]
+        tree = {p.pid: p for p in psutil.Process(pgid).children(recursive=True)}
     except psutil.Error:
-        escaped = []
+        tree = {}
+    tree.update((p.pid, p) for p in leftovers.job_processes({job_id}))
+    escaped = [p for pid, p in tree.items() if _pgid(pid) != pgid]
     kill_group(pgid, sig)
     for proc in escaped:
         try:
@@ -598,13 +601,13 @@ class Executor:
         """Terminate the job's tree: SIGTERM, then SIGKILL after the grace."""
         if job.ended_by is None:
             job.ended_by, job.ended_error = reason, error
-        await self.in_thread(signal_tree, job.pid, signal.SIGTERM)
+        await self.in_thread(signal_tree, job.job_id, job.pid, signal.SIGTERM)
         if job.paused:  # a stopped process sees SIGTERM only once continued
-            await self.in_thread(signal_tree, job.pid, signal.SIGCONT)
+            await self.in_thread(signal_tree, job.job_id, job.pid, signal.SIGCONT)
         try:
             await asyncio.wait_for(asyncio.shield(job.proc.wait()), self.settings.kill_grace)
         except asyncio.TimeoutError:
-            await self.in_thread(signal_tree, job.pid, signal.SIGKILL)
+            await self.in_thread(signal_tree, job.job_id, job.pid, signal.SIGKILL)
 
     async def control(self, header: dict) -> None:
         job = self.jobs.get(header.get("job_id"))
@@ -627,7 +630,7 @@ class Executor:
             self.spawn_task(self.end_job(job, "canceled", why))
         else:
             job.paused = action == "PAUSE"
-            await self.in_thread(signal_tree, job.pid, signal.SIGSTOP if job.paused else signal.SIGCONT)
+            await self.in_thread(signal_tree, job.job_id, job.pid, signal.SIGSTOP if job.paused else signal.SIGCONT)
 
     # ------------------------------------------------------------ lifecycle
 

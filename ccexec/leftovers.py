@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 
 import psutil
 
@@ -129,20 +130,31 @@ def kill_job_processes(job_ids: set[str]) -> int:
     processes that left the job's group (setsid, a double fork) and jobs
     whose executor died before it could report their group. Blocking: it
     reads every process's environment; run it in a worker thread."""
-    uid, killed = os.getuid(), set()
+    killed: set[int] = set()
     for _ in range(KILL_PASSES):
         found = set()
-        for proc in psutil.process_iter(["uids"]):
+        for proc in job_processes(job_ids):
             try:
-                if proc.info["uids"] and proc.info["uids"].real == uid and proc.environ().get(JOB_ENV) in job_ids:
-                    proc.kill()
-                    found.add(proc.pid)
+                proc.kill()
+                found.add(proc.pid)
             except psutil.Error:
                 continue
         if found <= killed:
             break
         killed |= found
     return len(killed)
+
+
+def job_processes(job_ids: set[str]) -> Iterator[psutil.Process]:
+    """The processes of this user whose environment names one of job_ids
+    (JOB_ENV). Blocking: it reads every process's environment."""
+    uid = os.getuid()
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            if proc.info["uids"] and proc.info["uids"].real == uid and proc.environ().get(JOB_ENV) in job_ids:
+                yield proc
+        except psutil.Error:
+            continue
 
 
 def reap_orphan_jobs(settings: config.Settings, stale: list[psutil.Process]) -> int:
