@@ -166,6 +166,7 @@ class Client:
         self._resendable: dict[Any, str] = {}  # the messages of pending requests, by id
         self._repeatable: set[Any] = set()  # of those, the ones carried out once however often sent (executes)
         self._jobs: dict[str, Job] = {}
+        self._last_sequenced: str | None = None  # the last job started without `parallel`
         self._early: dict[str, list[tuple[str, dict]]] = {}  # events that beat their job's response
         # Of this connection: requests whose caller stopped waiting (method by
         # id), jobs such a request named (their events are dropped), and jobs
@@ -419,6 +420,12 @@ class Client:
         if argv is not None:
             params["argv"] = argv
         params.setdefault("job_id", uuid.uuid4().hex)  # so that sending it again cannot start it twice
+        if not params.get("parallel"):
+            # Named, not left to the connection: the order holds across a
+            # reconnect, whose new connection has no previous job.
+            if self._last_sequenced is not None:
+                params.setdefault("after", self._last_sequenced)
+            self._last_sequenced = params["job_id"]
         result = await self.call("execute", params, answer_timeout)
         job = Job(self, result["job_id"], result["status"], result.get("pid"), params.get("stream_mode", "lines"))
         for method, event in self._early.pop(job.job_id, []):

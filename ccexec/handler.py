@@ -430,8 +430,8 @@ class Session:
 
     def execute(self, request: protocol.Request, spec: protocol.ExecuteSpec) -> None:
         job_id = spec.job_id or uuid.uuid4().hex
-        after = None
-        if not spec.parallel:
+        after = spec.after
+        if after is None and not spec.parallel:
             previous = self.last_sequenced
             after = previous.job_id if previous is not None and not previous.finished else None
         submit = {"job_id": job_id, "spec": spec.to_dict(), "after": after,

@@ -48,7 +48,7 @@ MAX_ARG_BYTES = (128 << 10) - 1
 MAX_LABELS = 32
 CAPABILITIES = [
     "execute", "control", "stream", "heartbeat", "queue", "chunks",
-    "argv", "stdin", "ping", "hook_status", "attach", "jobs", "claude", "labels", "job_id",
+    "argv", "stdin", "ping", "hook_status", "attach", "jobs", "claude", "labels", "job_id", "after",
 ]
 
 
@@ -98,6 +98,7 @@ class ExecuteSpec:
     claude: bool = False  # true: a Claude job whatever its command (false: detection decides)
     labels: dict[str, str] = field(default_factory=dict)  # only executors carrying all of them run it
     job_id: str | None = None  # the client's: sent again, it names the job the first one started
+    after: str | None = None  # the job to wait for, instead of the connection's previous one
 
     def to_dict(self) -> dict:
         spec = {
@@ -406,6 +407,7 @@ def parse_execute(request: Request) -> ExecuteSpec:
         detach=_flag(request, "detach"), parallel=_flag(request, "parallel"),
         stream_mode=stream_mode, name=_optional_str(request, "name"),
         claude=_flag(request, "claude"), labels=_labels(request), job_id=_new_job_id(request),
+        after=_after(request),
     )
 
 
@@ -414,6 +416,19 @@ def _new_job_id(request: Request) -> str | None:
     if job_id is not None and (not isinstance(job_id, str) or not JOB_ID.match(job_id)):
         raise _invalid(request, "job_id", "must be 32 lowercase hexadecimal digits (a UUID's hex)")
     return job_id
+
+
+def _after(request: Request) -> str | None:
+    after = request.params.get("after")
+    if after is None:
+        return None
+    if not isinstance(after, str) or not JOB_ID.match(after):
+        raise _invalid(request, "after", "must be a job id: 32 lowercase hexadecimal digits")
+    if after == request.params.get("job_id"):
+        raise _invalid(request, "after", "names the job itself")
+    if _flag(request, "parallel"):
+        raise _invalid(request, "after", "cannot be combined with parallel: a parallel job waits for no other")
+    return after
 
 
 def _job_id(request: Request) -> str:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import os
 import random
 import signal
 import sys
 import time
+import uuid
 
 import psutil
 import pytest
@@ -453,6 +455,29 @@ async def test_canceling_a_queued_job_completes_it_without_running(make_daemon):
     await wire.answer(await wire.request("control", {"type": "CANCEL", "job_id": running["job_id"]}))
     await wire.completed(running["job_id"])
     await wire.close()
+
+
+@async_test()
+async def test_after_holds_a_job_behind_a_job_of_another_connection(daemon, tmp_path):
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    first_wire, second_wire = await Wire.open(daemon.url), await Wire.open(daemon.url)
+    first = await first_wire.execute(command=f"read word < {go}; echo $word")
+    second = await second_wire.execute(command="echo second", after=first["job_id"])
+    assert second["status"] == "queued" and second["pid"] is None
+    queued = await second_wire.until(lambda m: m.get("method") == "process.queued", 10)
+    assert queued["params"] == {"job_id": second["job_id"], "position": None, "after": first["job_id"]}
+    unknown = await second_wire.execute(command="echo at once", after=uuid.uuid4().hex)
+    assert unknown["status"] == "started"  # a job the daemon does not have holds nothing up
+    await asyncio.to_thread(go.write_text, "first\n")
+    await first_wire.completed(first["job_id"])
+    assert (await second_wire.completed(second["job_id"]))["reason"] == "exit"
+    assert second_wire.text(second["job_id"]) == "second\n"
+    records = [(await second_wire.answer(await second_wire.request("job.status", {"job_id": job["job_id"]})))["result"]
+               for job in (first, second)]
+    assert records[1]["started_at"] >= records[0]["finished_at"]
+    await first_wire.close()
+    await second_wire.close()
 
 
 # ------------------------------------------------------------------ disconnects

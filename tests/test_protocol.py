@@ -515,6 +515,29 @@ class TestClientJobId:
         assert error.code == p.INVALID_PARAMS and error.data["param"] == "job_id"
 
 
+class TestAfter:
+    def test_a_job_named_to_wait_for_reaches_the_spec_and_not_the_job_itself(self):
+        after = uuid.uuid4().hex
+        spec = parse_execute(execute_request(command="x", after=after))
+        assert spec.after == after
+        assert "after" not in spec.to_dict()
+        assert parse_execute(execute_request(command="x", after=None)).after is None
+
+    @pytest.mark.parametrize("after", ["", "abc", "A" * 32, 12, ["x"]])
+    def test_one_that_is_no_job_id_is_invalid_params(self, after):
+        error = execute_error(command="x", after=after)
+        assert error.code == p.INVALID_PARAMS and error.data == {"param": "after"}
+
+    def test_a_job_cannot_wait_for_itself(self):
+        job_id = uuid.uuid4().hex
+        error = execute_error(command="x", job_id=job_id, after=job_id)
+        assert error.code == p.INVALID_PARAMS and "itself" in str(error)
+
+    def test_a_parallel_job_waits_for_none(self):
+        error = execute_error(command="x", parallel=True, after=uuid.uuid4().hex)
+        assert error.code == p.INVALID_PARAMS and "parallel" in str(error)
+
+
 class TestLabels:
     def test_labels_reach_the_spec_and_the_broker(self):
         spec = parse_execute(execute_request(command="x", labels={"gpu": "a100", "site": "eu-1"}))

@@ -178,6 +178,28 @@ async def test_client_with_no_job_running_keeps_working_when_its_handler_goes(ma
     assert client.reconnects == 1
 
 
+@async_test(90)
+async def test_client_keeps_its_jobs_in_order_across_a_reconnect(make_daemon, tmp_path):
+    """A job the client starts after it reconnected still waits for the one
+    it started before, though the new connection has no previous job."""
+    d = make_daemon()
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    async with Client(d.url) as client:
+        first = await client.execute(f"read word < {go}; echo $word")
+        [served_by] = [pid for pid in d.role_pids("handler") if serves(pid, client)]
+        os.kill(served_by, signal.SIGKILL)
+        await asyncio.wait_for(client.ws.wait_closed(), 20)
+        second = await client.execute("echo second")
+        assert second.pid is None  # held behind the first
+        await asyncio.to_thread(go.write_text, "first\n")
+        results = [await job.wait(60) for job in (first, second)]
+        records = [await client.job_status(job.job_id) for job in (first, second)]
+    assert client.reconnects == 1
+    assert [(r.reason, r.stdout) for r in results] == [("exit", "first\n"), ("exit", "second\n")]
+    assert records[1]["started_at"] >= records[0]["finished_at"]
+
+
 @async_test(60)
 async def test_client_gives_up_after_its_retry_policy(tmp_path):
     """With the whole daemon gone (kill -9 of every process), resuming fails
