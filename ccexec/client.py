@@ -420,13 +420,19 @@ class Client:
         if argv is not None:
             params["argv"] = argv
         params.setdefault("job_id", uuid.uuid4().hex)  # so that sending it again cannot start it twice
+        previous = self._last_sequenced
         if not params.get("parallel"):
             # Named, not left to the connection: the order holds across a
             # reconnect, whose new connection has no previous job.
-            if self._last_sequenced is not None:
-                params.setdefault("after", self._last_sequenced)
+            if previous is not None:
+                params.setdefault("after", previous)
             self._last_sequenced = params["job_id"]
-        result = await self.call("execute", params, answer_timeout)
+        try:
+            result = await self.call("execute", params, answer_timeout)
+        except BaseException:
+            if self._last_sequenced == params["job_id"]:  # no job: the next one waits for the one before
+                self._last_sequenced = previous
+            raise
         job = Job(self, result["job_id"], result["status"], result.get("pid"), params.get("stream_mode", "lines"))
         for method, event in self._early.pop(job.job_id, []):
             job._on_event(method, event)

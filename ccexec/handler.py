@@ -105,6 +105,7 @@ class JobStream:
         self.responded = submit is None  # an attached job had its answer already
         self.started = False
         self.place: tuple | None = None  # (position, after) last told in process.queued
+        self.predecessor: str | None = None  # the connection's job before it, again its last if this one is refused
         self.pid = self.pgid = None
         self.notices: deque[str] = deque()
         self.streams = {s: StreamState(mode, o) for s, o in zip(STREAMS, offsets)}
@@ -151,6 +152,8 @@ class JobStream:
         self.wake.set()
 
     def on_rejected(self, header: dict) -> None:
+        if self.session.last_sequenced is self:  # never a job: the next one waits for the one before
+            self.session.last_sequenced = self.session.jobs.get(self.predecessor)
         self.responded = True
         self.notices.append(protocol.error_response(
             self.request_id, header["code"], header["message"], header.get("data")))
@@ -442,6 +445,7 @@ class Session:
                         submit=submit)
         self.jobs[job_id] = job
         if not spec.parallel:
+            job.predecessor = after
             self.last_sequenced = job
         self.handler.follow(job)
         job.gate.set()

@@ -15,7 +15,7 @@ import uuid
 import psutil
 import pytest
 
-from ccexec.client import Client, run as run_sync
+from ccexec.client import Client, RPCError, run as run_sync
 from ccexec.executor import Executor
 from ccexec.protocol import MAX_ARG_BYTES
 from support import async_test, marked_processes, wait_for
@@ -455,6 +455,59 @@ async def test_canceling_a_queued_job_completes_it_without_running(make_daemon):
     await wire.answer(await wire.request("control", {"type": "CANCEL", "job_id": running["job_id"]}))
     await wire.completed(running["job_id"])
     await wire.close()
+
+
+async def _fill_then_free_the_queue(d, refuse):
+    """With the queue full of another connection's job, refuse() gets -32005;
+    then that job is canceled, and there is room again."""
+    other = await Wire.open(d.url)
+    filler = await other.execute(command="echo filler", parallel=True)
+    assert filler["status"] == "queued"
+    await refuse()
+    await other.answer(await other.request("control", {"type": "CANCEL", "job_id": filler["job_id"]}))
+    await other.completed(filler["job_id"])
+    await other.close()
+
+
+@async_test(60)
+async def test_a_refused_execute_leaves_the_connection_waiting_for_the_job_before_it(make_daemon):
+    """Retrying after -32005 (as its `retry_after` invites) keeps the order:
+    the refused request made no job, so the next waits for the one before."""
+    d = make_daemon(executors=1, settings={"slots_per_executor": 1, "max_queue": 1})
+    wire = await Wire.open(d.url)
+    first = await wire.execute(command="sleep 30")
+
+    async def refuse():
+        refused = await wire.answer(await wire.request("execute", {"command": "echo refused"}))
+        assert refused["error"]["code"] == -32005
+    await _fill_then_free_the_queue(d, refuse)
+    retried = await wire.execute(command="echo retried")
+    assert retried["status"] == "queued"
+    queued = await wire.until(lambda m: m.get("method") == "process.queued"
+                              and m["params"]["job_id"] == retried["job_id"], 10)
+    assert queued["params"] == {"job_id": retried["job_id"], "position": None, "after": first["job_id"]}
+    await wire.answer(await wire.request("control", {"type": "CANCEL", "job_id": first["job_id"]}))
+    assert (await wire.completed(retried["job_id"]))["reason"] == "exit"
+    await wire.close()
+
+
+@async_test(60)
+async def test_a_refused_client_execute_leaves_the_client_waiting_for_the_job_before_it(make_daemon):
+    d = make_daemon(executors=1, settings={"slots_per_executor": 1, "max_queue": 1})
+    async with Client(d.url) as client:
+        first = await client.execute("sleep 30")
+
+        async def refuse():
+            with pytest.raises(RPCError) as refused:
+                await client.execute("echo refused")
+            assert refused.value.code == -32005
+        await _fill_then_free_the_queue(d, refuse)
+        retried = await client.execute("echo retried")
+        queued = await anext(retried.events(timeout=10))
+        assert queued == {"method": "process.queued",
+                          "params": {"job_id": retried.job_id, "position": None, "after": first.job_id}}
+        await first.control("CANCEL")
+        assert (await retried.wait(20)).stdout == "retried\n"
 
 
 @async_test()
