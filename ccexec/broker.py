@@ -120,7 +120,7 @@ class Broker:
         self.queue: deque[str] = deque()
         self.restored: list[str] = []  # jobs a previous broker accepted and had not started
         self.held: dict[str, list[str]] = {}  # predecessor -> jobs sequenced after it
-        self.pending_controls: dict[str, bytes] = {}  # control ref -> handler
+        self.pending_controls: dict[str, tuple[bytes, bytes, dict]] = {}  # ref -> (handler, executor, reply)
         self.controls_held: dict[str, list[tuple[bytes, dict]]] = {}  # of unclaimed jobs, until claimed
         self.sends_after_commit: list[Callable[[], object]] = []  # what tells of this turn's records
         self.register_asked: dict[bytes, float] = {}  # unknown peer -> when it was last asked to register
@@ -491,8 +491,9 @@ class Broker:
             self.to_handler(identity, bus.CONTROL_RESULT, {**reply, "ok": False,
                             "code": protocol.JOB_NOT_FOUND, "error": f"job {job_id} is not running"})
         elif job.state in ("running", "dispatched") and job.executor is not None:
-            self.pending_controls[ref] = identity
-            self.to_executor(job.executor, bus.CONTROL, reply)
+            self.pending_controls[ref] = (identity, job.executor, reply)
+            if not self.to_executor(job.executor, bus.CONTROL, reply):
+                self.fail_controls_sent_to(job.executor, "its executor cannot be reached")
         elif action == "CANCEL":
             self.to_handler(identity, bus.CONTROL_RESULT, {**reply, "ok": True, "status": "canceled",
                             "pid": None, "pgid": None})
@@ -533,9 +534,18 @@ class Broker:
         elif kind == bus.DECLINED:
             self.declined(peer, bus.header_field(header, "job_id", str))
         elif kind == bus.CONTROL_RESULT:
-            handler = self.pending_controls.pop(str(header.get("ref", "")), None)
-            if handler is not None:
-                self.to_handler(handler, bus.CONTROL_RESULT, header)
+            pending = self.pending_controls.pop(str(header.get("ref", "")), None)
+            if pending is not None:
+                self.to_handler(pending[0], bus.CONTROL_RESULT, header)
+
+    def fail_controls_sent_to(self, executor: bytes, why: str) -> None:
+        """Controls an executor will never answer: the handlers hear why now,
+        rather than time out."""
+        for ref, (handler, sent_to, reply) in list(self.pending_controls.items()):
+            if sent_to == executor:
+                del self.pending_controls[ref]
+                self.to_handler(handler, bus.CONTROL_RESULT, {**reply, "ok": False, "code": protocol.JOB_NOT_FOUND,
+                                                              "error": f"job {reply['job_id']} is not running: {why}"})
 
     def executor_stopping(self, peer: Peer) -> None:
         """An executor that stops takes no more jobs (it ends and reports its
@@ -842,9 +852,10 @@ class Broker:
             logs.event(log, "executor.lost", logging.WARNING, executor=identity.decode(),
                        why=why, jobs=len(peer.jobs))
         self.pool_changed()
-        self.lose([self.jobs[job_id] for job_id in peer.jobs if job_id in self.jobs],
-                  f"lost contact with executor node {peer.node} ({why})" if peer.remote
-                  else f"the executor running this job died ({why})")
+        why = f"lost contact with executor node {peer.node} ({why})" if peer.remote \
+            else f"the executor running this job died ({why})"
+        self.fail_controls_sent_to(identity, why)
+        self.lose([self.jobs[job_id] for job_id in peer.jobs if job_id in self.jobs], why)
 
     def lose(self, jobs: list[Job], why: str) -> None:
         """End jobs whose executor is gone and kill what is left of them:

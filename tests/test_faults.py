@@ -341,6 +341,24 @@ async def test_dead_or_frozen_executor_jobs_end_lost_and_leave_no_orphans(make_d
     print(f"executor {sig.name}: job ended lost {ended_after:.2f} s after it")
 
 
+@STRIKES
+@async_test(90)
+async def test_control_of_a_job_whose_executor_died_or_froze_is_answered_with_why(make_daemon, sig):
+    """The CANCEL goes to an executor that will never answer it: the client
+    hears why once the executor is known to be gone, not a timeout."""
+    d = make_daemon()
+    async with Client(d.url) as client:
+        job = await client.execute("echo started; sleep 100")
+        await _first_output(job)
+        executor = psutil.Process(job.pid).ppid()
+        with _struck(executor, sig):
+            with pytest.raises(RPCError) as refused:
+                await job.control("CANCEL")
+            assert refused.value.code == -32002, refused.value
+            assert "not running" in refused.value.message
+            assert (await job.wait(30)).reason == "lost"
+
+
 @async_test(90)
 async def test_stopping_executor_takes_no_new_job_and_the_queue_waits_for_the_next(make_daemon):
     """SIGTERM to an executor (`restart --watcher executor`): its running job
