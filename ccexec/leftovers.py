@@ -124,7 +124,7 @@ def _group_leader_matches(pgid: int, started_at: float | None) -> bool:
         return False
 
 
-def kill_job_processes(job_ids: set[str]) -> int:
+def kill_job_processes(job_ids: set[str]) -> None:
     """SIGKILL every process of this user whose environment names one of
     job_ids (JOB_ENV): what is left of jobs whose executor died, including
     processes that left the job's group (setsid, a double fork) and jobs
@@ -142,7 +142,9 @@ def kill_job_processes(job_ids: set[str]) -> int:
         if found <= killed:
             break
         killed |= found
-    return len(killed)
+    if killed:
+        logs.event(log, "job.processes_killed", logging.WARNING, jobs=",".join(sorted(job_ids)),
+                   processes=len(killed))
 
 
 def job_processes(job_ids: set[str]) -> Iterator[psutil.Process]:
