@@ -75,6 +75,18 @@ def marked_processes(mark: str) -> list[psutil.Process]:
     return found
 
 
+def marked_running(mark: str, *argv: str) -> list[int]:
+    """The PIDs of the processes carrying `mark` that run exactly argv."""
+    found = []
+    for proc in marked_processes(mark):
+        try:
+            if proc.cmdline() == list(argv):
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
 class Daemon:
     """A real ccexecd on a free loopback port, in its own temp directory."""
 

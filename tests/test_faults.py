@@ -23,7 +23,7 @@ import websockets
 
 from ccexec import broker, ctl
 from ccexec.client import Client, RPCError
-from support import Daemon, async_test, http_get, marked_processes, serves, ticker, wait_for
+from support import Daemon, async_test, http_get, marked_processes, marked_running, serves, ticker, wait_for
 from wire import Wire
 
 TICKER, TICKER_OUTPUT = ticker(150, 0.02)
@@ -45,7 +45,7 @@ def _escaped_sleep(seconds: str) -> str:
 
 def _sleeps(d: Daemon, seconds: str, count: int) -> list[int] | None:
     """The PIDs of `count` `sleep <seconds>` processes of d's jobs, once there are as many."""
-    found = [p.pid for p in marked_processes(d.mark) if p.cmdline() == ["sleep", seconds]]
+    found = marked_running(d.mark, "sleep", seconds)
     return found if len(found) == count else None
 
 

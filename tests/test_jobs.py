@@ -18,7 +18,7 @@ import pytest
 from ccexec.client import Client, RPCError, run as run_sync
 from ccexec.executor import Executor
 from ccexec.protocol import MAX_ARG_BYTES
-from support import async_test, marked_processes, wait_for
+from support import async_test, marked_running, wait_for
 from wire import Wire
 
 PY = sys.executable
@@ -287,8 +287,8 @@ async def test_cancel_kills_the_whole_process_group_and_what_left_it(daemon):
     group and session and holds none of its pipes (a daemon)."""
     wire = await Wire.open(daemon.url)
     result = await wire.execute(command="(setsid sleep 61 >/dev/null 2>&1 &); sleep 60 & sleep 60 & wait")
-    pids = _tree(result["pid"], 2) + wait_for(lambda: [p.pid for p in marked_processes(daemon.mark) if p.cmdline() == ["sleep", "61"]],
-                                              10, what="the process that left the job")
+    pids = _tree(result["pid"], 2) + wait_for(lambda: marked_running(daemon.mark, "sleep", "61"), 10,
+                                              what="the process that left the job")
     answer = await wire.answer(await wire.request("control", {"type": "CANCEL"}))
     assert answer["result"]["status"] == "canceled"
     await wire.until(lambda m: m.get("method") == "process.canceled", 10)
@@ -337,8 +337,7 @@ async def test_a_process_that_left_the_session_cannot_hold_the_job_open(daemon):
     completed = await wire.completed(result["job_id"], 20)
     assert completed["reason"] in ("exit", "timeout")
     assert wire.text(result["job_id"]) == "started\n"
-    escaped = [p for p in marked_processes(daemon.mark) if p.cmdline() == ["sleep", "60"]]
-    assert not escaped
+    assert not marked_running(daemon.mark, "sleep", "60")
     await wire.close()
 
 
