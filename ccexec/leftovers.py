@@ -151,9 +151,12 @@ def job_processes(job_ids: set[str]) -> Iterator[psutil.Process]:
     """The processes of this user whose environment names one of job_ids
     (JOB_ENV). Blocking: it reads every process's environment."""
     uid = os.getuid()
-    for proc in psutil.process_iter(["uids"]):
+    for pid in psutil.pids():
         try:
-            if proc.info["uids"] and proc.info["uids"].real == uid and proc.environ().get(JOB_ENV) in job_ids:
+            # A new Process each time: process_iter's cache can hold one of an
+            # earlier process with this PID, and refuses to signal that.
+            proc = psutil.Process(pid)
+            if proc.uids().real == uid and proc.environ().get(JOB_ENV) in job_ids:
                 yield proc
         except psutil.Error:
             continue

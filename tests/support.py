@@ -66,8 +66,9 @@ def http_get(port: int, path: str, timeout: float = 5) -> tuple[int, bytes, dict
 
 def marked_processes(mark: str) -> list[psutil.Process]:
     found = []
-    for proc in psutil.process_iter():
+    for pid in psutil.pids():  # not process_iter: its cache can hold an earlier process of a PID
         try:
+            proc = psutil.Process(pid)
             if proc.environ().get(MARK) == mark and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
         except (psutil.Error, OSError):
