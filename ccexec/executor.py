@@ -642,9 +642,11 @@ class Executor:
         pulse = WatchdogPulse(self.settings.watchdog_port) if self.settings.watchdog_port else None
         if self.settings.remote:  # a killed executor's jobs: nobody else on this host would end them
             await self.in_thread(leftovers.reap_node_orphans, self.settings.jobs_dir)
-        await self.register()
+        # Not awaited here: on a node whose key the head refuses, READY can wait
+        # for a link forever, and the executor must still watch the head and stop.
+        background = [loop.create_task(self.register()), loop.create_task(self.receive_loop()),
+                      loop.create_task(self.heartbeat_loop())]
         logs.event(log, "executor.started", pid=os.getpid(), capacity=self.capacity)
-        background = [loop.create_task(self.receive_loop()), loop.create_task(self.heartbeat_loop())]
         if self.settings.remote:
             background.append(loop.create_task(self.watch_head()))
         if pulse:
