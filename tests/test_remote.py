@@ -20,6 +20,7 @@ import zmq
 from ccexec import bus, remote
 from ccexec.client import Client
 from ccexec.config import Settings
+from ccexec.executor import Executor
 from support import (Daemon, ExecutorNode, async_test, cluster_keys, finish, free_port, line_printer, node_executors,
                      remote_head_settings, wait_for)
 
@@ -102,6 +103,48 @@ def test_a_node_with_an_unknown_key_is_refused(cluster, tmp_path):
         assert "executor.stopped" in rogue.log_path.read_text(errors="replace")
     finally:
         finish(rogue)
+
+
+async def _until(condition, timeout: float) -> None:
+    """Poll an async condition until it holds; TimeoutError after timeout."""
+    async with asyncio.timeout(timeout):
+        while not await condition():
+            await asyncio.sleep(0.1)
+
+
+@async_test(60)
+async def test_a_refused_node_executor_that_starts_late_still_watches_the_head_and_stops(cluster, tmp_path, caplog):
+    """Once the head denies a node's CURVE handshake, the node's link has no
+    pipe left and a send waits for ever. An executor whose READY comes only
+    after that (one slow to start) still warns that the head does not
+    answer, and stops when told to."""
+    head, _, keys, endpoint = cluster
+    settings = Settings(curve_secret_key=str(keys["rogue"][1]), curve_server_key=str(keys["head"][0]),
+                        broker=endpoint, role="executor", state_dir=str(tmp_path / "state"), node_name="late-rogue")
+    os.makedirs(settings.jobs_dir)
+    executor = Executor(settings)  # connects: the head denies the handshake
+    probe = bus.pack(bus.HEARTBEAT, {"running": 0})
+
+    async def link_gone() -> bool:
+        try:
+            await executor.sock.send_multipart(probe, zmq.NOBLOCK)
+            return False
+        except zmq.Again:
+            return True
+
+    async def warned() -> bool:
+        return any("executor.head_unreachable" in r.getMessage() for r in caplog.records)
+
+    await _until(link_gone, 20)
+    caplog.set_level("WARNING", logger="ccexec.executor")
+    running = asyncio.ensure_future(executor.run())
+    try:
+        await _until(warned, 20)
+        executor.stopping.set()
+        await asyncio.wait_for(asyncio.shield(running), 20)
+    finally:
+        running.cancel()
+        executor.ctx.destroy(linger=0)
 
 
 @async_test(90)
