@@ -492,8 +492,8 @@ class Broker:
                             "code": protocol.JOB_NOT_FOUND, "error": f"job {job_id} is not running"})
         elif job.state in ("running", "dispatched") and job.executor is not None:
             self.pending_controls[ref] = (identity, job.executor, reply)
-            if not self.to_executor(job.executor, bus.CONTROL, reply):
-                self.fail_controls_sent_to(job.executor, "its executor cannot be reached")
+            if not self.to_executor(job.executor, bus.CONTROL, reply):  # as in dispatch(): it is gone
+                self.lose_executor(job.executor, "unreachable")
         elif action == "CANCEL":
             self.to_handler(identity, bus.CONTROL_RESULT, {**reply, "ok": True, "status": "canceled",
                             "pid": None, "pgid": None})
