@@ -406,24 +406,22 @@ def parse_execute(request: Request) -> ExecuteSpec:
         stall_timeout=_seconds(request, "stall_timeout", allow_zero=True),
         detach=_flag(request, "detach"), parallel=_flag(request, "parallel"),
         stream_mode=stream_mode, name=_optional_str(request, "name"),
-        claude=_flag(request, "claude"), labels=_labels(request), job_id=_new_job_id(request),
+        claude=_flag(request, "claude"), labels=_labels(request), job_id=_optional_job_id(request, "job_id"),
         after=_after(request),
     )
 
 
-def _new_job_id(request: Request) -> str | None:
-    job_id = request.params.get("job_id")
+def _optional_job_id(request: Request, name: str) -> str | None:
+    job_id = request.params.get(name)
     if job_id is not None and (not isinstance(job_id, str) or not JOB_ID.match(job_id)):
-        raise _invalid(request, "job_id", "must be 32 lowercase hexadecimal digits (a UUID's hex)")
+        raise _invalid(request, name, "must be a job id: 32 lowercase hexadecimal digits (a UUID's hex)")
     return job_id
 
 
 def _after(request: Request) -> str | None:
-    after = request.params.get("after")
+    after = _optional_job_id(request, "after")
     if after is None:
         return None
-    if not isinstance(after, str) or not JOB_ID.match(after):
-        raise _invalid(request, "after", "must be a job id: 32 lowercase hexadecimal digits")
     if after == request.params.get("job_id"):
         raise _invalid(request, "after", "names the job itself")
     if _flag(request, "parallel"):

@@ -497,36 +497,30 @@ class TestParseExecute:
 
 # ========================================================== parse_control
 
-class TestClientJobId:
-    def test_a_job_id_the_client_chose_reaches_the_spec_and_not_the_job_itself(self):
+JOB_ID_PARAMS = pytest.mark.parametrize("param", ["job_id", "after"])
+
+
+class TestJobIdParams:
+    """`job_id` (the client's id for its job) and `after` (the job to wait for)."""
+
+    @JOB_ID_PARAMS
+    def test_a_job_id_reaches_the_spec_and_not_the_job_itself(self, param):
         job_id = uuid.uuid4().hex
-        spec = parse_execute(execute_request(command="x", job_id=job_id))
-        assert spec.job_id == job_id
-        assert "job_id" not in spec.to_dict()
+        spec = parse_execute(execute_request(command="x", **{param: job_id}))
+        assert getattr(spec, param) == job_id
+        assert param not in spec.to_dict()
 
-    def test_without_one_the_daemon_chooses(self):
-        assert parse_execute(execute_request(command="x")).job_id is None
-        assert parse_execute(execute_request(command="x", job_id=None)).job_id is None
+    @JOB_ID_PARAMS
+    def test_absent_or_null_is_none(self, param):
+        assert getattr(parse_execute(execute_request(command="x")), param) is None
+        assert getattr(parse_execute(execute_request(command="x", **{param: None})), param) is None
 
-    @pytest.mark.parametrize("job_id", ["", "abc", "A" * 32, "g" * 32, "0" * 33,
-                                        "5f0c8e2a-3b1d-4c6e-9a7f-0d2e4b6c8a1f", 12, ["x"]])
-    def test_one_that_is_not_32_lowercase_hex_digits_is_invalid_params(self, job_id):
-        error = execute_error(command="x", job_id=job_id)
-        assert error.code == p.INVALID_PARAMS and error.data["param"] == "job_id"
-
-
-class TestAfter:
-    def test_a_job_named_to_wait_for_reaches_the_spec_and_not_the_job_itself(self):
-        after = uuid.uuid4().hex
-        spec = parse_execute(execute_request(command="x", after=after))
-        assert spec.after == after
-        assert "after" not in spec.to_dict()
-        assert parse_execute(execute_request(command="x", after=None)).after is None
-
-    @pytest.mark.parametrize("after", ["", "abc", "A" * 32, 12, ["x"]])
-    def test_one_that_is_no_job_id_is_invalid_params(self, after):
-        error = execute_error(command="x", after=after)
-        assert error.code == p.INVALID_PARAMS and error.data == {"param": "after"}
+    @JOB_ID_PARAMS
+    @pytest.mark.parametrize("value", ["", "abc", "A" * 32, "g" * 32, "0" * 33,
+                                       "5f0c8e2a-3b1d-4c6e-9a7f-0d2e4b6c8a1f", 12, ["x"]])
+    def test_one_that_is_not_32_lowercase_hex_digits_is_invalid_params(self, param, value):
+        error = execute_error(command="x", **{param: value})
+        assert error.code == p.INVALID_PARAMS and error.data == {"param": param}
 
     def test_a_job_cannot_wait_for_itself(self):
         job_id = uuid.uuid4().hex
