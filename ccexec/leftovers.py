@@ -9,13 +9,15 @@ say they were running, and marks those jobs lost: no manual cleanup.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import psutil
 
@@ -31,6 +33,8 @@ OWNER_FILE = "owner"  # on an executor node, in a job's journal directory: who r
 # executor is gone, in the job's group or not, reported to the broker or not.
 JOB_ENV = "CCEXEC_JOB_ID"
 KILL_PASSES = 5  # a process can fork while a pass reads past its child's PID
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+CLOCK_TICK = 1 / os.sysconf("SC_CLK_TCK")  # seconds: the grain of a process's start time in /proc
 
 
 class DaemonRunning(Exception):
@@ -234,3 +238,90 @@ def reap_node_orphans(jobs_dir: str) -> int:
         logs.event(log, "job.orphan_reaped", logging.WARNING, job_id=name, pgid=owner["pgid"])
         reaped += 1
     return reaped
+
+
+def become_subreaper() -> None:
+    """Make orphans among this process's descendants its own children, not
+    init's: what a job leaves running once its parents exit stays in reach
+    of the executor that ran it. Raises OSError."""
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
+@dataclass(frozen=True)
+class Child:
+    pid: int
+    zombie: bool
+    started: float  # seconds since boot, floored to a CLOCK_TICK
+    job_id: str | None  # its JOB_ENV; None if it has none (or has exited)
+
+
+def children(parent: int) -> list[Child]:
+    """parent's children. Blocking: it reads every process's /proc/PID/stat
+    (a kernel without CONFIG_PROC_CHILDREN has no shorter way)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+            # "pid (comm) state ppid ... starttime": comm may hold spaces and parentheses.
+            fields = stat[stat.rindex(b")") + 2:].split()
+            if int(fields[1]) != parent:
+                continue
+            zombie = fields[0] == b"Z"
+            found.append(Child(int(entry), zombie, int(fields[19]) * CLOCK_TICK,
+                               None if zombie else _job_of(int(entry))))
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def _job_of(pid: int) -> str | None:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        for entry in f.read().split(b"\0"):
+            name, _, value = entry.partition(b"=")
+            if name == JOB_ENV.encode():
+                return value.decode(errors="replace")
+    return None
+
+
+def leftovers_of_ended_jobs(found: list[Child], leaders: set[int], running: Mapping[str, float]
+                            ) -> tuple[list[int], list[int]]:
+    """Among an executor's children (found), other than its jobs' leaders:
+    (zombies to reap, processes to end). running maps the id of each job
+    that has a process to the boot-clock time just before it was started.
+    A process is a running job's by its JOB_ENV; one without (its
+    environment cleared) may be any job's that started before it."""
+    zombies, ended = [], []
+    for child in found:
+        if child.pid in leaders:
+            continue
+        if child.zombie:
+            zombies.append(child.pid)
+        elif child.job_id is not None and child.job_id not in running:
+            ended.append(child.pid)
+        elif child.job_id is None and not any(start <= child.started + CLOCK_TICK for start in running.values()):
+            ended.append(child.pid)
+    return zombies, ended
+
+
+def kill_trees(pids: list[int], parent: int) -> int:
+    """Blocking: SIGKILL each process that is still parent's child, and its
+    descendants; how many there were."""
+    doomed = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.ppid() == parent:
+                doomed += [proc, *proc.children(recursive=True)]
+        except psutil.Error:
+            continue
+    for proc in doomed:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    return len(doomed)
