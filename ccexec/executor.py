@@ -4,7 +4,10 @@ Each job runs in its own session and process group, with stdout and stderr
 read concurrently so a full pipe never blocks anything. Every chunk read is
 appended to the job's journal before it is forwarded to the broker, so what
 a slow or absent reader misses is still on disk. Ending a job (cancel,
-timeout, shutdown) ends its whole process tree.
+timeout, shutdown) ends its whole process tree. The executor is its jobs'
+child subreaper: what a job left running in a session of its own (a
+daemon) becomes its child once its parents exit, and is ended once the job
+has ended.
 
 On an executor node (role = executor) the broker is another host's: output
 is sent with backpressure rather than dropped, since the head writes its
@@ -46,6 +49,7 @@ EXIT_DRAIN = 1.0  # seconds to wait for pipes after the job's leader exited
 INTERNAL_ENV_PREFIXES = ("CCEXEC_", "CIRCUS")
 CLAUDE_OFFLOAD_BYTES = 1 << 20  # a stdout line this long is parsed off the event loop
 HEAD_TIMEOUT = bus.HEARTBEAT_INTERVAL * bus.HEARTBEAT_LIVENESS  # as long as the head waits for us
+LEFTOVER_SWEEP_INTERVAL = 1.0  # seconds between two looks for what ended jobs left running
 
 
 @dataclass
@@ -55,6 +59,7 @@ class RunningJob:
     proc: asyncio.subprocess.Process | None = None
     pid: int | None = None
     started_at: float = field(default_factory=time.time)
+    boot_started: float = 0.0  # the boot clock just before its leader was started
     ended_by: str | None = None  # reason, when ccexec ended the job itself
     ended_error: str | None = None
     journal_failed: bool = False  # a write to its journal failed: what it writes after is dropped
@@ -232,8 +237,11 @@ def _pgid(pid: int) -> int | None:
 
 
 class Executor:
-    def __init__(self, settings: config.Settings):
+    def __init__(self, settings: config.Settings, subreaper: bool = False):
         self.settings = settings
+        # Orphans of its jobs' processes become this process's children
+        # (main): it then ends those of ended jobs, and reaps them.
+        self.subreaper = subreaper
         self.capacity = settings.slots_per_executor
         self.ctx = zmq.asyncio.Context()
         if settings.remote:
@@ -251,6 +259,10 @@ class Executor:
         self.daemon_env = daemon_environment()  # read once: the process's environment does not change
         self.plain_env = job_environment(settings, self.daemon_env, {})  # a job's that sets no env of its own
         self.job_priority = JobPriority.below_own(settings.job_nice) if settings.job_nice else None
+        # Held from a job's spawn until its pid is known, and by a sweep
+        # while it judges and ends children: one no job names as its leader
+        # is then surely a leftover.
+        self.spawn_lock = asyncio.Lock()
 
     # ------------------------------------------------------------ broker link
 
@@ -397,23 +409,25 @@ class Executor:
         # would hold proc.wait() until it closes, i.e. past the leader's exit
         # for as long as a process the job left holds it and reads nothing.
         stdin_pipe = os.pipe2(os.O_CLOEXEC) if stdin_text is not None else None
-        try:
-            job.proc = await asyncio.create_subprocess_exec(
-                *argv, cwd=cwd, env=self.environment(job.job_id, job.spec.get("env")),
-                stdin=stdin_pipe[0] if stdin_pipe is not None else asyncio.subprocess.DEVNULL,
-                stdout=pipes["stdout"][1], stderr=pipes["stderr"][1], start_new_session=True)
-        except OSError as exc:
-            for read_end, _ in pipes.values():
-                os.close(read_end)
-            if stdin_pipe is not None:
-                os.close(stdin_pipe[1])
-            return self.spawn_failure(exc, argv[0], cwd)
-        finally:
-            for _, write_end in pipes.values():  # the job holds them now
-                os.close(write_end)
-            if stdin_pipe is not None:
-                os.close(stdin_pipe[0])
-        job.pid, job.started_at = job.proc.pid, time.time()
+        async with self.spawn_lock:
+            job.boot_started = time.clock_gettime(time.CLOCK_BOOTTIME)
+            try:
+                job.proc = await asyncio.create_subprocess_exec(
+                    *argv, cwd=cwd, env=self.environment(job.job_id, job.spec.get("env")),
+                    stdin=stdin_pipe[0] if stdin_pipe is not None else asyncio.subprocess.DEVNULL,
+                    stdout=pipes["stdout"][1], stderr=pipes["stderr"][1], start_new_session=True)
+            except OSError as exc:
+                for read_end, _ in pipes.values():
+                    os.close(read_end)
+                if stdin_pipe is not None:
+                    os.close(stdin_pipe[1])
+                return self.spawn_failure(exc, argv[0], cwd)
+            finally:
+                for _, write_end in pipes.values():  # the job holds them now
+                    os.close(write_end)
+                if stdin_pipe is not None:
+                    os.close(stdin_pipe[0])
+            job.pid, job.started_at = job.proc.pid, time.time()
         if job.ended_by is not None:  # canceled while it was being started
             self.spawn_task(self.end_job(job, job.ended_by, job.ended_error))
         if self.job_priority is not None:
@@ -632,6 +646,38 @@ class Executor:
             job.paused = action == "PAUSE"
             await self.in_thread(signal_tree, job.job_id, job.pid, signal.SIGSTOP if job.paused else signal.SIGCONT)
 
+    # ------------------------------------------------------------ leftovers
+
+    async def sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LEFTOVER_SWEEP_INTERVAL)
+            try:
+                await self.sweep_leftovers()
+            except Exception as exc:  # a broken sweep must not take the executor down
+                logs.event(log, "executor.sweep_failed", logging.WARNING, error=exc)
+
+    async def sweep_leftovers(self) -> None:
+        """End what jobs that have ended left running, and reap what exited:
+        a process whose parents are gone (a daemon a job started, say) is
+        the subreaper's child."""
+        if not self.subreaper:
+            return
+        found = await self.in_thread(leftovers.children, os.getpid())
+        async with self.spawn_lock:
+            started = [job for job in self.jobs.values() if job.pid is not None]
+            zombies, ended = leftovers.leftovers_of_ended_jobs(
+                found, {job.pid for job in started}, {job.job_id: job.boot_started for job in started})
+            # None is a job's leader, which asyncio waits for; and only a
+            # sweep waits for other children, so each PID is still the one found.
+            for pid in zombies:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            killed = await self.in_thread(leftovers.kill_trees, ended, os.getpid()) if ended else 0
+        if killed:
+            logs.event(log, "job.leftovers_killed", logging.WARNING, processes=killed)
+
     # ------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
@@ -645,7 +691,7 @@ class Executor:
         # Not awaited here: on a node whose key the head refuses, READY can wait
         # for a link forever, and the executor must still watch the head and stop.
         background = [loop.create_task(self.register()), loop.create_task(self.receive_loop()),
-                      loop.create_task(self.heartbeat_loop())]
+                      loop.create_task(self.heartbeat_loop()), loop.create_task(self.sweep_loop())]
         logs.event(log, "executor.started", pid=os.getpid(), capacity=self.capacity)
         if self.settings.remote:
             background.append(loop.create_task(self.watch_head()))
@@ -675,6 +721,7 @@ class Executor:
                 self.spawn_task(self.end_job(job, "canceled", "the daemon is stopping"))
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=self.settings.kill_grace + EXIT_DRAIN + 2)
+        await self.sweep_leftovers()  # the jobs ended above leave nothing behind either
         # A DISPATCH already on its way when the broker heard is declined
         # (by the receive loop, still running) only if it arrives before the socket closes.
         try:
@@ -694,4 +741,10 @@ def main(argv: list[str]) -> None:
         # Python 3.11 waits for each child in a thread of its own; a pidfd on
         # the event loop does it without (3.12 does this by default).
         asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
-    asyncio.run(Executor(settings).run())
+    try:
+        leftovers.become_subreaper()
+        subreaper = True
+    except OSError as exc:  # what jobs leave running outlives them, as before Linux 3.4
+        logs.event(log, "executor.no_subreaper", logging.WARNING, error=exc)
+        subreaper = False
+    asyncio.run(Executor(settings, subreaper).run())

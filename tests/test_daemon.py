@@ -24,7 +24,9 @@ from ccexec.client import Client
 from support import CCEXECD, MARK, async_test, http_get, marked_processes, run, wait_for
 
 CCEXECCTL = str(Path(sys.executable).parent / "ccexecctl")
-JOB = "sleep 1000 & sleep 1000; wait"
+# Two sleeps in the job's group, and a daemon that left it with its
+# environment cleared (only the tests' mark kept): a stop ends them all.
+JOB = f'(env -i {MARK}="${MARK}" setsid sleep 1001 >/dev/null 2>&1 &); sleep 1000 & sleep 1000; wait'
 
 
 # ------------------------------------------------------------------ helpers

@@ -18,7 +18,7 @@ import pytest
 from ccexec.client import Client, RPCError, run as run_sync
 from ccexec.executor import Executor
 from ccexec.protocol import MAX_ARG_BYTES
-from support import async_test, marked_running, wait_for
+from support import MARK, async_test, marked_running, wait_for
 from wire import Wire
 
 PY = sys.executable
@@ -338,6 +338,31 @@ async def test_a_process_that_left_the_session_cannot_hold_the_job_open(daemon):
     assert completed["reason"] in ("exit", "timeout")
     assert wire.text(result["job_id"]) == "started\n"
     assert not marked_running(daemon.mark, "sleep", "60")
+    await wire.close()
+
+
+@async_test(60)
+async def test_what_a_job_left_running_runs_as_long_as_the_job_and_ends_after_it(daemon):
+    """Daemons a job started (their own session, none of its pipes), one of
+    them with its environment cleared: they run while the job runs, past the
+    executor's reaping of another of the job's orphans, and end once the job
+    has ended by itself."""
+    wire = await Wire.open(daemon.url)
+    script = f"""
+        d=$(mktemp -d); cd "$d"
+        (setsid sleep 71 >/dev/null 2>&1 & echo $! >marked)
+        (env -i {MARK}="${MARK}" setsid sleep 72 >/dev/null 2>&1 & echo $! >unmarked)
+        (setsid sh -c 'echo $$ >exited' >/dev/null 2>&1 &)
+        # Its exit reaped, so the executor has looked at its orphans since the sleeps became some.
+        until [ -s exited ] && ! kill -0 "$(cat exited)" 2>/dev/null; do sleep 0.05; done
+        kill -0 "$(cat marked)" && kill -0 "$(cat unmarked)" && echo both running
+        cd /; rm -rf "$d"
+    """
+    _, completed = await wire.run(30, command=script, timeout=20)
+    assert completed["reason"] == "exit" and completed["exit_code"] == 0
+    assert wire.text(completed["job_id"]) == "both running\n"
+    wait_for(lambda: not marked_running(daemon.mark, "sleep", "71") and not marked_running(daemon.mark, "sleep", "72"),
+             15, what="the job's daemons to end")
     await wire.close()
 
 
