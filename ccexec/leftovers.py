@@ -1,10 +1,14 @@
-"""What a crashed instance left behind, found and ended at start.
+"""What crashed instances and ended jobs leave behind, found and ended.
 
 A `kill -9` of the arbiter orphans its children: handlers still hold the
 port, executors still run jobs. A new `ccexecd` ends them itself (they are
 ccexec processes of this user, identified by their command line and the
 config they run with), then kills the process groups of jobs whose records
 say they were running, and marks those jobs lost: no manual cleanup.
+
+Every job carries its id in its environment (JOB_ENV): how its processes
+are found once they left its group, or its executor died. An executor is
+its jobs' subreaper, and ends what its ended jobs left among its children.
 """
 
 from __future__ import annotations
