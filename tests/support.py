@@ -76,6 +76,14 @@ def marked_processes(mark: str) -> list[psutil.Process]:
     return found
 
 
+def detached_sleep(seconds: str, cleared_env: bool = False) -> str:
+    """A shell command starting a daemon, as a job may: `sleep seconds` in a
+    session of its own, holding none of the job's pipes, in the background.
+    cleared_env: its environment holds only the tests' mark (no CCEXEC_JOB_ID)."""
+    env = f'env -i {MARK}="${MARK}" ' if cleared_env else ""
+    return f"{env}setsid sleep {seconds} >/dev/null 2>&1 &"
+
+
 def marked_running(mark: str, *argv: str) -> list[int]:
     """The PIDs of the processes carrying `mark` that run exactly argv."""
     found = []

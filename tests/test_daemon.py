@@ -21,12 +21,12 @@ import pytest
 
 from ccexec import policy
 from ccexec.client import Client
-from support import CCEXECD, MARK, async_test, http_get, marked_processes, run, wait_for
+from support import CCEXECD, MARK, async_test, detached_sleep, http_get, marked_processes, run, wait_for
 
 CCEXECCTL = str(Path(sys.executable).parent / "ccexecctl")
 # Two sleeps in the job's group, and a daemon that left it with its
 # environment cleared (only the tests' mark kept): a stop ends them all.
-JOB = f'(env -i {MARK}="${MARK}" setsid sleep 1001 >/dev/null 2>&1 &); sleep 1000 & sleep 1000; wait'
+JOB = f"({detached_sleep('1001', cleared_env=True)}); sleep 1000 & sleep 1000; wait"
 
 
 # ------------------------------------------------------------------ helpers

@@ -18,7 +18,7 @@ import pytest
 from ccexec.client import Client, RPCError, run as run_sync
 from ccexec.executor import Executor
 from ccexec.protocol import MAX_ARG_BYTES
-from support import MARK, async_test, marked_running, wait_for
+from support import async_test, detached_sleep, marked_running, wait_for
 from wire import Wire
 
 PY = sys.executable
@@ -350,8 +350,8 @@ async def test_what_a_job_left_running_runs_as_long_as_the_job_and_ends_after_it
     wire = await Wire.open(daemon.url)
     script = f"""
         d=$(mktemp -d); cd "$d"
-        (setsid sleep 71 >/dev/null 2>&1 & echo $! >marked)
-        (env -i {MARK}="${MARK}" setsid sleep 72 >/dev/null 2>&1 & echo $! >unmarked)
+        ({detached_sleep("71")} echo $! >marked)
+        ({detached_sleep("72", cleared_env=True)} echo $! >unmarked)
         (setsid sh -c 'echo $$ >exited' >/dev/null 2>&1 &)
         # Its exit reaped, so the executor has looked at its orphans since the sleeps became some.
         until [ -s exited ] && ! kill -0 "$(cat exited)" 2>/dev/null; do sleep 0.05; done
