@@ -4,7 +4,9 @@ Steps, in order: read the config and apply the command line; end what a
 crashed instance left (stale ccexec processes, orphan job groups); make sure
 the port is free (or say exactly who holds it); hand the effective config to
 Circus, which binds the socket, starts broker, executors, handlers and the
-watchdog plugin, and runs until SIGTERM/SIGINT stops them all.
+watchdog plugin, and runs until SIGTERM/SIGINT stops them all. It is the
+subreaper of everything it starts: what a dead executor left running comes
+back to it, and is killed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import socket
 import ssl
 import sys
@@ -266,9 +269,37 @@ def stop_once_free(arbiter) -> None:
         arbiter.loop.call_later(STOP_RETRY_DELAY, stop_once_free, arbiter)
 
 
+async def end_adopted(arbiter) -> None:
+    """What an executor that died (kill -9, the watchdog) left running, its
+    jobs and what they started, becomes the arbiter's child: the arbiter is
+    their subreaper. Every child no watcher started is killed, with its
+    process group; its own children come back the same way, and Circus's
+    waitpid(-1) reaps them all."""
+    found = await arbiter.loop.run_in_executor(None, leftovers.children, os.getpid())
+    started = {pid for watcher in arbiter.watchers for pid in watcher.processes}
+    killed = 0
+    for child in found:
+        if child.pid in started or child.zombie:
+            continue
+        try:
+            # Read again: Circus may have reaped it since, and the PID named
+            # another process. It reaps on this loop, so the answer holds.
+            if psutil.Process(child.pid).ppid() != os.getpid():
+                continue
+            if os.getpgid(child.pid) == child.pid:
+                os.killpg(child.pid, signal.SIGKILL)
+            os.kill(child.pid, signal.SIGKILL)
+            killed += 1
+        except (psutil.Error, OSError):
+            continue
+    if killed:
+        logs.event(log, "daemon.orphans_killed", logging.WARNING, processes=killed)
+
+
 def run_circus(path: str, settings: config.Settings) -> int:
     from circus.arbiter import Arbiter
     from circus.util import check_future_exception_and_log
+    from tornado.ioloop import PeriodicCallback
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(_ShutdownRaceFilter())
@@ -276,6 +307,11 @@ def run_circus(path: str, settings: config.Settings) -> int:
     notify.start()
     arbiter = Arbiter.load_from_config(path)
     arbiter.ctrl.sys_hdl.quit = functools.partial(arbiter.loop.add_callback_from_signal, stop_once_free, arbiter)
+    try:
+        leftovers.become_subreaper()
+        PeriodicCallback(functools.partial(end_adopted, arbiter), leftovers.SWEEP_INTERVAL * 1000).start()
+    except OSError as exc:  # a dead executor's jobs are still ended by the broker
+        logs.event(log, "daemon.no_subreaper", logging.WARNING, error=exc)
     future = arbiter.start()
     notify.stopping()
     return 1 if check_future_exception_and_log(future) is not None else 0

@@ -49,7 +49,6 @@ EXIT_DRAIN = 1.0  # seconds to wait for pipes after the job's leader exited
 INTERNAL_ENV_PREFIXES = ("CCEXEC_", "CIRCUS")
 CLAUDE_OFFLOAD_BYTES = 1 << 20  # a stdout line this long is parsed off the event loop
 HEAD_TIMEOUT = bus.HEARTBEAT_INTERVAL * bus.HEARTBEAT_LIVENESS  # as long as the head waits for us
-LEFTOVER_SWEEP_INTERVAL = 1.0  # seconds between two looks for what ended jobs left running
 
 
 @dataclass
@@ -650,7 +649,7 @@ class Executor:
 
     async def sweep_loop(self) -> None:
         while True:
-            await asyncio.sleep(LEFTOVER_SWEEP_INTERVAL)
+            await asyncio.sleep(leftovers.SWEEP_INTERVAL)
             try:
                 await self.sweep_leftovers()
             except Exception as exc:  # a broken sweep must not take the executor down

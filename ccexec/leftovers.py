@@ -38,6 +38,7 @@ OWNER_FILE = "owner"  # on an executor node, in a job's journal directory: who r
 JOB_ENV = "CCEXEC_JOB_ID"
 KILL_PASSES = 5  # a process can fork while a pass reads past its child's PID
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+SWEEP_INTERVAL = 1.0  # seconds between two looks of a subreaper at its children
 CLOCK_TICK = 1 / os.sysconf("SC_CLK_TCK")  # seconds: the grain of a process's start time in /proc
 
 
@@ -247,7 +248,8 @@ def reap_node_orphans(jobs_dir: str) -> int:
 def become_subreaper() -> None:
     """Make orphans among this process's descendants its own children, not
     init's: what a job leaves running once its parents exit stays in reach
-    of the executor that ran it. Raises OSError."""
+    of the executor that ran it, and what a dead executor leaves, of the
+    arbiter. Raises OSError."""
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, os.strerror(errno))

@@ -23,7 +23,8 @@ import websockets
 
 from ccexec import broker, ctl
 from ccexec.client import Client, RPCError
-from support import Daemon, async_test, http_get, marked_processes, marked_running, serves, ticker, wait_for
+from support import (Daemon, async_test, detached_sleep, http_get, marked_processes, marked_running, serves, ticker,
+                     wait_for)
 from wire import Wire
 
 TICKER, TICKER_OUTPUT = ticker(150, 0.02)
@@ -35,12 +36,6 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def _escaped_sleep(seconds: str) -> str:
-    """A shell command starting a process that leaves the job's group and
-    session, and holds none of its pipes (a daemon)."""
-    return f"(setsid sleep {seconds} >/dev/null 2>&1 &)"
 
 
 def _sleeps(d: Daemon, seconds: str, count: int) -> list[int] | None:
@@ -318,10 +313,13 @@ async def test_dead_or_frozen_executor_jobs_end_lost_and_leave_no_orphans(make_d
     d = make_daemon()
     async with Client(d.url) as client:
         # Two sleeps in the job's group, one that left it with no pipe of the
-        # job's (a daemon: neither the group nor the pipes lead to it).
-        job = await client.execute(f"echo started; {_escaped_sleep('100')}; sleep 100 & sleep 100 & wait")
+        # job's (a daemon: neither the group nor the pipes lead to it), and
+        # one that also cleared its environment (nor does the job's id).
+        job = await client.execute(f"echo started; ({detached_sleep('100')}); ({detached_sleep('101', True)}); "
+                                   "sleep 100 & sleep 100 & wait")
         await _first_output(job)  # journaled by now
         tree = [job.pid, *wait_for(lambda: _sleeps(d, "100", 3), 10, what="the job's three sleeps")]
+        cleared = wait_for(lambda: marked_running(d.mark, "sleep", "101"), 10, what="the job's cleared daemon")
         executor = psutil.Process(job.pid).ppid()
         assert executor in d.role_pids("executor")
         with _struck(executor, sig) as struck_at:
@@ -336,6 +334,8 @@ async def test_dead_or_frozen_executor_jobs_end_lost_and_leave_no_orphans(make_d
             wait_for(lambda: not any(_alive(p) for p in tree), 5, what="the job's tree to be gone")
             wait_for(lambda: executor not in d.role_pids("executor") and len(d.role_pids("executor")) == 2, 15,
                      what="a new executor in its place")
+            # The arbiter adopts what the dead executor had adopted, and ends it.
+            wait_for(lambda: not any(_alive(p) for p in cleared), 10, what="the cleared daemon to be gone")
         again = await client.execute("echo still serving")
         assert (await again.wait(20)).stdout == "still serving\n"
     print(f"executor {sig.name}: job ended lost {ended_after:.2f} s after it")
@@ -412,7 +412,7 @@ def test_killed_arbiter_new_daemon_takes_over_port_and_orphans(tmp_path):
     new = None
     try:
         old.start()
-        job = asyncio.run(_start_detached(old.url, f"echo started; {_escaped_sleep('300')}; sleep 300 & sleep 300 & wait"))
+        job = asyncio.run(_start_detached(old.url, f"echo started; ({detached_sleep('300')}); sleep 300 & sleep 300 & wait"))
         tree = [job["pid"], *wait_for(lambda: _sleeps(old, "300", 3), 10, what="the job's three sleeps")]
         orphans = old.processes()
         old.proc.send_signal(signal.SIGKILL)
