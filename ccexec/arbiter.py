@@ -269,31 +269,47 @@ def stop_once_free(arbiter) -> None:
         arbiter.loop.call_later(STOP_RETRY_DELAY, stop_once_free, arbiter)
 
 
-async def end_adopted(arbiter) -> None:
+class OrphanSweep:
     """What an executor that died (kill -9, the watchdog) left running, its
     jobs and what they started, becomes the arbiter's child: the arbiter is
-    their subreaper. Every child no watcher started is killed, with its
+    their subreaper. A sweep kills every child no watcher started, with its
     process group; its own children come back the same way, and Circus's
-    waitpid(-1) reaps them all."""
-    found = await arbiter.loop.run_in_executor(None, leftovers.children, os.getpid())
-    started = {pid for watcher in arbiter.watchers for pid in watcher.processes}
-    killed = 0
-    for child in found:
-        if child.pid in started or child.zombie:
-            continue
-        try:
-            # Read again: Circus may have reaped it since, and the PID named
-            # another process. It reaps on this loop, so the answer holds.
-            if psutil.Process(child.pid).ppid() != os.getpid():
-                continue
-            if os.getpgid(child.pid) == child.pid:
-                os.killpg(child.pid, signal.SIGKILL)
-            os.kill(child.pid, signal.SIGKILL)
-            killed += 1
-        except (psutil.Error, OSError):
-            continue
-    if killed:
-        logs.event(log, "daemon.orphans_killed", logging.WARNING, processes=killed)
+    waitpid(-1) reaps them all. Only a death adopts anything, so the
+    process table is read only after one, until a sweep finds nothing."""
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.watched: set[int] = set()  # the watchers' processes at the last sweep
+        self.killing = False  # the last sweep killed some: their children may come next
+
+    def started(self) -> set[int]:
+        return {pid for watcher in self.arbiter.watchers for pid in watcher.processes}
+
+    async def sweep(self) -> None:
+        started = self.started()
+        died, self.watched = self.watched - started, started
+        if not died and not self.killing:
+            return
+        found = await self.arbiter.loop.run_in_executor(None, leftovers.children, os.getpid())
+        started = self.started()
+        killed = sum(_kill_adopted(child.pid) for child in found if child.pid not in started and not child.zombie)
+        self.killing = killed > 0
+        if killed:
+            logs.event(log, "daemon.orphans_killed", logging.WARNING, processes=killed)
+
+
+def _kill_adopted(pid: int) -> bool:
+    try:
+        # Read again: Circus may have reaped it since, and the PID named
+        # another process. It reaps on this loop, so the answer holds.
+        if psutil.Process(pid).ppid() != os.getpid():
+            return False
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
+        return True
+    except (psutil.Error, OSError):
+        return False
 
 
 def run_circus(path: str, settings: config.Settings) -> int:
@@ -309,7 +325,7 @@ def run_circus(path: str, settings: config.Settings) -> int:
     arbiter.ctrl.sys_hdl.quit = functools.partial(arbiter.loop.add_callback_from_signal, stop_once_free, arbiter)
     try:
         leftovers.become_subreaper()
-        PeriodicCallback(functools.partial(end_adopted, arbiter), leftovers.SWEEP_INTERVAL * 1000).start()
+        PeriodicCallback(OrphanSweep(arbiter).sweep, leftovers.SWEEP_INTERVAL * 1000).start()
     except OSError as exc:  # a dead executor's jobs are still ended by the broker
         logs.event(log, "daemon.no_subreaper", logging.WARNING, error=exc)
     future = arbiter.start()

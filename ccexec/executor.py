@@ -241,6 +241,8 @@ class Executor:
         # Orphans of its jobs' processes become this process's children
         # (main): it then ends those of ended jobs, and reaps them.
         self.subreaper = subreaper
+        self.accepted = 0  # jobs accepted so far
+        self.children_clean = False  # a sweep found no child, and no job was accepted since
         self.capacity = settings.slots_per_executor
         self.ctx = zmq.asyncio.Context()
         if settings.remote:
@@ -370,6 +372,8 @@ class Executor:
     def accept(self, job_id: str, spec: dict) -> RunningJob:
         job = RunningJob(job_id, spec, claude_reader=claude.ClaudeReader() if claude.is_claude_job(spec) else None)
         self.jobs[job_id] = job
+        self.accepted += 1
+        self.children_clean = False
         return job
 
     async def run_job(self, job: RunningJob) -> None:
@@ -659,8 +663,9 @@ class Executor:
         """End what jobs that have ended left running, and reap what exited:
         a process whose parents are gone (a daemon a job started, say) is
         the subreaper's child."""
-        if not self.subreaper:
+        if not self.subreaper or self.children_clean:
             return
+        accepted = self.accepted
         found = await self.in_thread(leftovers.children, os.getpid())
         async with self.spawn_lock:
             started = [job for job in self.jobs.values() if job.pid is not None]
@@ -676,6 +681,8 @@ class Executor:
             killed = await self.in_thread(leftovers.kill_trees, ended, os.getpid()) if ended else 0
         if killed:
             logs.event(log, "job.leftovers_killed", logging.WARNING, processes=killed)
+        # Only a job makes children: an idle executor reads the process table no more.
+        self.children_clean = not found and not self.jobs and self.accepted == accepted
 
     # ------------------------------------------------------------ lifecycle
 
