@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import resource
-import signal
 import socket
 import ssl
 import sys
@@ -274,7 +273,7 @@ class OrphanSweep:
     jobs and what they started, becomes the arbiter's child: the arbiter is
     their subreaper. A sweep kills every child no watcher started, with its
     process group; its own children come back the same way, and Circus's
-    waitpid(-1) reaps them all. Only a death adopts anything, so the
+    waitpid(-1), on this loop, reaps them all. Only a death adopts anything, so the
     process table is read only after one, until a sweep finds nothing."""
 
     def __init__(self, arbiter):
@@ -292,24 +291,11 @@ class OrphanSweep:
             return
         found = await self.arbiter.loop.run_in_executor(None, leftovers.children, os.getpid())
         started = self.started()
-        killed = sum(_kill_adopted(child.pid) for child in found if child.pid not in started and not child.zombie)
+        killed = sum(leftovers.kill_child(child.pid, os.getpid()) for child in found
+                     if child.pid not in started and not child.zombie)
         self.killing = killed > 0
         if killed:
             logs.event(log, "daemon.orphans_killed", logging.WARNING, processes=killed)
-
-
-def _kill_adopted(pid: int) -> bool:
-    try:
-        # Read again: Circus may have reaped it since, and the PID named
-        # another process. It reaps on this loop, so the answer holds.
-        if psutil.Process(pid).ppid() != os.getpid():
-            return False
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, signal.SIGKILL)
-        os.kill(pid, signal.SIGKILL)
-        return True
-    except (psutil.Error, OSError):
-        return False
 
 
 def run_circus(path: str, settings: config.Settings) -> int:

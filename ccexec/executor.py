@@ -671,14 +671,14 @@ class Executor:
             started = [job for job in self.jobs.values() if job.pid is not None]
             zombies, ended = leftovers.leftovers_of_ended_jobs(
                 found, {job.pid for job in started}, {job.job_id: job.boot_started for job in started})
-            # None is a job's leader, which asyncio waits for; and only a
-            # sweep waits for other children, so each PID is still the one found.
+            # None is a job's leader, which asyncio waits for: only a sweep
+            # waits for other children.
             for pid in zombies:
                 try:
                     os.waitpid(pid, os.WNOHANG)
                 except ChildProcessError:
                     pass
-            killed = await self.in_thread(leftovers.kill_trees, ended, os.getpid()) if ended else 0
+            killed = sum(leftovers.kill_child(pid, os.getpid()) for pid in ended)
         if killed:
             logs.event(log, "job.leftovers_killed", logging.WARNING, processes=killed)
         # Only a job makes children: an idle executor reads the process table no more.

@@ -314,20 +314,18 @@ def leftovers_of_ended_jobs(found: list[Child], leaders: set[int], running: Mapp
     return zombies, ended
 
 
-def kill_trees(pids: list[int], parent: int) -> int:
-    """Blocking: SIGKILL each process that is still parent's child, and its
-    descendants; how many there were."""
-    doomed = []
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            if proc.ppid() == parent:
-                doomed += [proc, *proc.children(recursive=True)]
-        except psutil.Error:
-            continue
-    for proc in doomed:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    return len(doomed)
+def kill_child(pid: int, parent: int) -> bool:
+    """SIGKILL pid, and the process group it leads if it leads one, if it
+    is still parent's child: parent, a subreaper, takes its children in
+    turn. Whether it was killed. For the subreaper, on the thread that
+    reaps its children: none can be reaped between the check and the kill,
+    and a PID found earlier may since name another process."""
+    try:
+        if psutil.Process(pid).ppid() != parent:
+            return False
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
+        return True
+    except (psutil.Error, OSError):
+        return False

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from ccexec.leftovers import CLOCK_TICK, JOB_ENV, Child, children, kill_trees, leftovers_of_ended_jobs
+from ccexec.leftovers import CLOCK_TICK, JOB_ENV, Child, children, kill_child, leftovers_of_ended_jobs
 from support import wait_for
 
 RUNNING, ENDED = "a" * 32, "b" * 32
@@ -58,18 +58,18 @@ def test_children_reads_job_id_start_and_exit_of_this_process_s_children():
             proc.wait(10)
 
 
-def test_kill_trees_ends_only_processes_that_are_still_the_parent_s_children():
+def test_kill_child_ends_only_a_child_of_the_parent_with_the_group_it_leads():
     """A PID found earlier may name another process by the time it is killed."""
-    ours = subprocess.Popen(["sh", "-c", "sleep 30 & wait"])
+    ours = subprocess.Popen(["sh", "-c", "sleep 30 & wait"], start_new_session=True)
     try:
         wait_for(lambda: psutil.Process(ours.pid).children(), 10, what="the sleep started")
         [grandchild] = psutil.Process(ours.pid).children()
-        assert kill_trees([grandchild.pid], parent=os.getpid()) == 0  # not our child
+        assert not kill_child(grandchild.pid, parent=os.getpid())  # not our child
         assert grandchild.is_running()
-        assert kill_trees([ours.pid], parent=os.getpid()) == 2
+        assert kill_child(ours.pid, parent=os.getpid())
         assert ours.wait(10) == -9
         wait_for(lambda: not grandchild.is_running() or grandchild.status() == psutil.STATUS_ZOMBIE, 10,
-                 what="the grandchild killed")
+                 what="the grandchild, in its group, killed")
     finally:
         ours.kill()
         ours.wait(10)
