@@ -106,6 +106,12 @@ class JobStream:
         self.started = False
         self.place: tuple | None = None  # (position, after) last told in process.queued
         self.predecessor: str | None = None  # the connection's job before it, again its last if this one is refused
+        # The stream on this connection of the job this one waits for: this
+        # one's process.started (and all after it) waits until that one has
+        # sent its process.completed, as the jobs ran.
+        self.follows: JobStream | None = None
+        self.start_notice: str | None = None
+        self.done = asyncio.Event()  # its pump has sent all it will
         self.pid = self.pgid = None
         self.notices: deque[str] = deque()
         self.streams = {s: StreamState(mode, o) for s, o in zip(STREAMS, offsets)}
@@ -148,7 +154,8 @@ class JobStream:
         self.started, self.pid, self.pgid = True, header.get("pid"), header.get("pgid")
         self.last_output = time.monotonic()
         self.respond("started")
-        self.notices.append(protocol.process_state("started", self.job_id, self.pid, self.pgid))
+        self.start_notice = protocol.process_state("started", self.job_id, self.pid, self.pgid)
+        self.notices.append(self.start_notice)
         self.wake.set()
 
     def on_rejected(self, header: dict) -> None:
@@ -190,6 +197,9 @@ class JobStream:
             while not self.finished:
                 await self.wait_for_events()
                 while self.notices:
+                    if self.notices[0] is self.start_notice and self.follows is not None:
+                        await self.follows.done.wait()
+                        self.follows = None  # a long connection's streams are no chain
                     await self.session.send(self.notices.popleft())
                 if not (self.started or self.final is not None):  # output may overtake the start on the data plane
                     continue
@@ -206,6 +216,8 @@ class JobStream:
             await self.output_gone(exc)
         finally:
             self.finished = True
+            self.done.set()
+            self.follows = None
             self.session.job_done(self)
 
     async def output_gone(self, exc: OSError) -> None:
@@ -447,6 +459,7 @@ class Session:
         if not spec.parallel:
             job.predecessor = after
             self.last_sequenced = job
+        job.follows = self.jobs.get(after) if after is not None else None
         self.handler.follow(job)
         job.gate.set()
         self.handler.to_broker(bus.SUBMIT, submit)

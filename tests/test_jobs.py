@@ -398,6 +398,23 @@ async def test_silent_job_runs_on_and_heartbeats_report_its_silence(daemon):
 # ------------------------------------------------------------------ sequencing
 
 
+@async_test(60)
+async def test_a_sequenced_job_is_told_started_only_after_its_predecessor_completed(daemon):
+    """The first job's last 8 MiB of output are still on their way to the
+    client when the second job starts: everything of the first comes first."""
+    wire = await Wire.open(daemon.url)
+    first = await wire.execute(command=f"{PY} -c \"import sys; sys.stdout.write(('y' * 127 + chr(10)) * 65536)\"")
+    second = await wire.execute(command="echo second")
+    await wire.completed(second["job_id"], 40)
+    await wire.completed(first["job_id"], 40)
+    told = [(m["params"]["job_id"], m["method"]) for m in wire.messages
+            if m.get("method", "").startswith("process.") and m["params"].get("job_id") in (first["job_id"], second["job_id"])]
+    last_of_first = max(i for i, (job, _) in enumerate(told) if job == first["job_id"])
+    assert told[last_of_first] == (first["job_id"], "process.completed")
+    assert told.index((second["job_id"], "process.started")) > last_of_first
+    await wire.close()
+
+
 @async_test()
 async def test_second_execute_on_a_busy_connection_is_queued_behind_the_first(daemon):
     wire = await Wire.open(daemon.url)
