@@ -258,6 +258,12 @@ def _alive(pids: list[int]) -> list[int]:
     return alive
 
 
+def _gone(pids: list[int]) -> None:
+    """Wait until none of pids runs. A killed process has closed its pipes
+    (so its job could end) a moment before it is seen exited."""
+    wait_for(lambda: not _alive(pids), 5, what="the job's processes to end")
+
+
 def _tree(pid: int, count: int) -> list[int]:
     """The pids of a job's process tree, once it has `count` descendants."""
     def found():
@@ -277,7 +283,7 @@ async def test_timeout_kills_the_whole_tree_with_reason_timeout(daemon):
     completed = await wire.completed(result["job_id"], 15)
     assert (completed["reason"], completed["status"]) == ("timeout", "failed")
     assert 1 <= completed["execution_time"] < 10
-    assert not _alive(pids)
+    _gone(pids)
     await wire.close()
 
 
@@ -294,7 +300,7 @@ async def test_cancel_kills_the_whole_process_group_and_what_left_it(daemon):
     await wire.until(lambda m: m.get("method") == "process.canceled", 10)
     completed = await wire.completed(result["job_id"], 15)
     assert completed["reason"] == "canceled" and completed["exit_code"] < 0
-    assert not _alive(pids)
+    _gone(pids)
     await wire.close()
 
 
@@ -324,7 +330,7 @@ async def test_cancel_of_a_paused_job_still_ends_it(daemon):
     await wire.answer(await wire.request("control", {"type": "CANCEL"}))
     completed = await wire.completed(result["job_id"], 15)
     assert completed["reason"] == "canceled"
-    assert not _alive([result["pid"]])
+    _gone([result["pid"]])
     await wire.close()
 
 
