@@ -273,8 +273,9 @@ class OrphanSweep:
     jobs and what they started, becomes the arbiter's child: the arbiter is
     their subreaper. A sweep kills every child no watcher started, with its
     process group; its own children come back the same way, and Circus's
-    waitpid(-1), on this loop, reaps them all. Only a death adopts anything, so the
-    process table is read only after one, until a sweep finds nothing."""
+    waitpid(-1), on this loop, reaps them all. Only a death adopts
+    anything, so the process table is read only after one, until a sweep
+    finds nothing."""
 
     def __init__(self, arbiter):
         self.arbiter = arbiter
