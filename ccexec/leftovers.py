@@ -165,9 +165,9 @@ def job_processes(job_ids: set[str]) -> Iterator[psutil.Process]:
             # A new Process each time: process_iter's cache can hold one of an
             # earlier process with this PID, and refuses to signal that.
             proc = psutil.Process(pid)
-            if proc.uids().real == uid and proc.environ().get(JOB_ENV) in job_ids:
+            if proc.uids().real == uid and _job_of(pid) in job_ids:
                 yield proc
-        except psutil.Error:
+        except (psutil.Error, OSError):
             continue
 
 
