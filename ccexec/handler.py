@@ -105,10 +105,10 @@ class JobStream:
         self.responded = submit is None  # an attached job had its answer already
         self.started = False
         self.place: tuple | None = None  # (position, after) last told in process.queued
-        self.predecessor: str | None = None  # the connection's job before it, again its last if this one is refused
         # The stream on this connection of the job this one waits for: this
         # one's process.started (and all after it) waits until that one has
-        # sent its process.completed, as the jobs ran.
+        # sent its process.completed, as the jobs ran; and it is the
+        # connection's last job again if this one is refused.
         self.follows: JobStream | None = None
         self.start_notice: str | None = None
         self.done = asyncio.Event()  # its pump has sent all it will
@@ -160,7 +160,7 @@ class JobStream:
 
     def on_rejected(self, header: dict) -> None:
         if self.session.last_sequenced is self:  # never a job: the next one waits for the one before
-            self.session.last_sequenced = self.session.jobs.get(self.predecessor)
+            self.session.last_sequenced = self.follows
         self.responded = True
         self.notices.append(protocol.error_response(
             self.request_id, header["code"], header["message"], header.get("data")))
@@ -199,7 +199,6 @@ class JobStream:
                 while self.notices:
                     if self.notices[0] is self.start_notice and self.follows is not None:
                         await self.follows.done.wait()
-                        self.follows = None  # a long connection's streams are no chain
                     await self.session.send(self.notices.popleft())
                 if not (self.started or self.final is not None):  # output may overtake the start on the data plane
                     continue
@@ -217,7 +216,7 @@ class JobStream:
         finally:
             self.finished = True
             self.done.set()
-            self.follows = None
+            self.follows = None  # a long connection's streams are no chain
             self.session.job_done(self)
 
     async def output_gone(self, exc: OSError) -> None:
@@ -456,10 +455,9 @@ class Session:
         job = JobStream(self, job_id, spec.stream_mode, request_id=request.id, has_id=request.has_id,
                         submit=submit)
         self.jobs[job_id] = job
-        if not spec.parallel:
-            job.predecessor = after
-            self.last_sequenced = job
         job.follows = self.jobs.get(after) if after is not None else None
+        if not spec.parallel:
+            self.last_sequenced = job
         self.handler.follow(job)
         job.gate.set()
         self.handler.to_broker(bus.SUBMIT, submit)
