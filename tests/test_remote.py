@@ -174,8 +174,11 @@ async def test_kill_9_of_a_node_executor_ends_its_job_lost_and_its_tree(cluster)
     print(f"\nnode executor kill -9: job lost after {lost_after:.1f} s, its process ended after {reaped_after:.1f} s")
 
 
-def test_ccexecctl_status_lists_the_node(cluster):
+@async_test(60)
+async def test_ccexecctl_status_lists_the_node(cluster):
     head, node, _, _ = cluster
+    async with Client(head.url) as client:  # its own: another worker may run this module's other tests
+        await (await client.execute("true", labels={"site": "far"})).wait(30)
     ctl = str(Path(sys.executable).parent / "ccexecctl")
     shown = subprocess.run([ctl, "--config", str(head.config), "--state-dir", str(head.state_dir), "status"],
                            capture_output=True, text=True, timeout=30)
