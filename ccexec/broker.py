@@ -519,14 +519,12 @@ class Broker:
             job = self.jobs.get(header.get("job_id"))
             if job is None or not self.speaks_for(peer, job):
                 return
-            if kind == bus.OUTPUT and peer.remote:
-                self.relay_replicated(peer, job, header, payload[0])
-            elif kind == bus.OUTPUT:
-                self.to_subscribers(job, bus.OUTPUT, header, *payload)
-            elif kind == bus.STARTED:
+            if kind == bus.STARTED:
                 self.on_started(job, header)
-            else:  # CLAUDE_EVENT: control plane, like STARTED: never dropped for output
-                self.to_subscribers(job, bus.CLAUDE_EVENT, header)
+            elif peer.remote:
+                self.relay_replicated(peer, job, kind, header, payload[0])
+            else:  # a CLAUDE_EVENT goes on the control plane, never dropped for output as OUTPUT may be
+                self.to_subscribers(job, kind, header, *payload)
         elif kind == bus.COMPLETED:
             self.on_completed(peer, header)
         elif kind == bus.STOPPING:
@@ -651,9 +649,8 @@ class Broker:
         self.sends_after_commit.append(
             functools.partial(self.to_executor, peer.identity, bus.COMPLETED_ACK, {"job_id": job_id}))
         if job is not None and job.journal_error is not None:
-            sizes = job.replica.sizes if job.replica is not None else dict.fromkeys(protocol.STREAMS, 0)
             header = {**header, "reason": "journal_failed", "error": job.journal_error,
-                      "stdout_bytes": sizes["stdout"], "stderr_bytes": sizes["stderr"]}
+                      **journal.byte_counts(job.replica.sizes if job.replica is not None else None)}
         if job is not None:
             self.finish(job, header)
 
@@ -668,11 +665,12 @@ class Broker:
 
     # ------------------------------------------------------------ remote jobs' journals
 
-    def relay_replicated(self, peer: Peer, job: Job, header: dict, data: memoryview) -> None:
-        """Output of a job on an executor node: into this host's journal first
-        (where handlers read it), then on to the subscribers."""
+    def relay_replicated(self, peer: Peer, job: Job, kind: bytes, header: dict, data: memoryview) -> None:
+        """Output or Claude notifications of a job on an executor node: into
+        this host's journal first (where handlers read them), then on to the
+        subscribers."""
         stream, offset = bus.header_field(header, "stream", str), bus.header_field(header, "offset", int)
-        if stream not in protocol.STREAMS:
+        if stream not in (protocol.STREAMS if kind == bus.OUTPUT else (journal.CLAUDE,)):
             raise ValueError(f"unknown stream {stream!r}")
         if job.journal_error is not None:
             return  # dropped: a byte after a lost one would sit at the wrong offset
@@ -687,7 +685,7 @@ class Broker:
             return
         offset, fresh = accepted
         if fresh:
-            self.to_subscribers(job, bus.OUTPUT, {**header, "offset": offset}, fresh)
+            self.to_subscribers(job, kind, {**header, "offset": offset}, fresh)
 
     def replica_of(self, job: Job) -> JournalReplica:
         """This host's copy of a remote job's journal, opened (or reopened,
@@ -721,10 +719,10 @@ class Broker:
         try:
             replica = self.replica_of(job)
         except OSError as exc:
-            if any(completed.get(f"{s}_bytes") for s in protocol.STREAMS):
+            if any(completed.get(f"{s}_bytes") for s in journal.JOURNALS):
                 self.replica_failed(peer, job, exc)
             return True
-        short = [s for s in protocol.STREAMS if replica.sizes[s] < (completed.get(f"{s}_bytes") or 0)]
+        short = [s for s in journal.JOURNALS if replica.sizes[s] < (completed.get(f"{s}_bytes") or 0)]
         if short and job.resends < MAX_RESENDS:
             for stream in short:
                 self.ask_resend(peer, job, stream)
@@ -771,7 +769,7 @@ class Broker:
         self.finish(job, {
             "job_id": job.job_id, "pid": None, "pgid": None, "exit_code": -signal.SIGTERM,
             "reason": reason, "error": error, "execution_time": 0.0,
-            "stdout_bytes": 0, "stderr_bytes": 0})
+            **journal.byte_counts()})
 
     # ------------------------------------------------------------ scheduling
 

@@ -38,12 +38,12 @@ DAEMON_STOPPING = b"DAEMON_STOPPING"  # {}: the broker and every executor stop, 
 # --- broker -> executor
 DISPATCH = b"DISPATCH"    # {job_id, spec}
 COMPLETED_ACK = b"COMPLETED_ACK"  # {job_id}: the end is recorded; until then the executor tells it again
-RESEND = b"RESEND"        # {job_id, stream, offset}: to an executor node, output the head's replica lacks
+RESEND = b"RESEND"        # {job_id, stream, offset}: to an executor node, journal the head's replica lacks
 # --- executor -> broker (and forwarded to handlers)
 STARTED = b"STARTED"      # {job_id, pid, pgid, started_at}
 OUTPUT = b"OUTPUT"        # {job_id, stream, offset} + raw bytes frame
-COMPLETED = b"COMPLETED"  # {job_id, exit_code, reason, error, ..., claude?}
-CLAUDE_EVENT = b"CLAUDE_EVENT"  # {job_id, stdout_end, method, params}: due once stdout to stdout_end is sent
+COMPLETED = b"COMPLETED"  # {job_id, exit_code, reason, error, {stdout,stderr,claude}_bytes, ..., claude?}
+CLAUDE_EVENT = b"CLAUDE_EVENT"  # {job_id, stream: "claude", offset} + records of the claude journal
 DECLINED = b"DECLINED"    # {job_id}: a DISPATCH that came while the executor stops; it goes back to the queue
 # --- executor -> broker, and the broker's answer
 STOPPING = b"STOPPING"    # {}: dispatch no more; answered with STOPPING, after which no DISPATCH follows

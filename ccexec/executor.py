@@ -35,8 +35,8 @@ import psutil
 import zmq
 import zmq.asyncio
 
-from ccexec import bus, claude, config, leftovers, logs, policy, remote, stall
-from ccexec.journal import READ_BLOCK, JournalWriter, job_dir, read_range
+from ccexec import bus, claude, config, leftovers, logs, policy, protocol, remote, stall
+from ccexec.journal import CLAUDE, READ_BLOCK, JournalWriter, byte_counts, claude_record, job_dir, read_range
 from ccexec.liveness import WatchdogPulse
 from ccexec.protocol import STREAMS
 
@@ -341,7 +341,8 @@ class Executor:
         try:
             while data := await self.in_thread(read_range, self.settings.jobs_dir, job_id, stream,
                                                offset, offset + READ_BLOCK):
-                await self.send(bus.OUTPUT, {"job_id": job_id, "stream": stream, "offset": offset}, data)
+                kind = bus.CLAUDE_EVENT if stream == CLAUDE else bus.OUTPUT
+                await self.send(kind, {"job_id": job_id, "stream": stream, "offset": offset}, data)
                 offset += len(data)
         except (OSError, ValueError) as exc:
             logs.event(log, "executor.resend_failed", logging.WARNING, job_id=job_id, error=exc)
@@ -387,7 +388,7 @@ class Executor:
         completed = {
             "job_id": job_id, "pid": job.pid, "pgid": job.pid, "exit_code": exit_code,
             "reason": reason, "error": error, "execution_time": time.time() - job.started_at,
-            "stdout_bytes": journal.sizes["stdout"], "stderr_bytes": journal.sizes["stderr"],
+            **byte_counts(journal.sizes),
         }
         if job.claude_reader is not None:
             completed["claude"] = job.claude_reader.summary()
@@ -537,7 +538,7 @@ class Executor:
             quick_reads = quick_reads + 1 if quick else 0
             if not data:
                 if stream == "stdout" and job.claude_reader is not None:
-                    await self.claude_events(job, None)
+                    await self.claude_events(job, journal, None)
                 return
             if job.journal_failed:
                 continue  # read and dropped: a byte after a lost one would sit at the wrong offset
@@ -556,7 +557,7 @@ class Executor:
                 continue
             await self.send_output({"job_id": job.job_id, "stream": stream, "offset": offset}, data)
             if stream == "stdout" and job.claude_reader is not None:
-                await self.claude_events(job, data)
+                await self.claude_events(job, journal, data)
             if quick_reads >= 2:
                 await asyncio.sleep(GATHER_DELAY)
 
@@ -568,8 +569,9 @@ class Executor:
         self.end_soon(job, "journal_failed", f"its output could not be written to the journal ({exc}); "
                       "it was ended and its output kept up to that point")
 
-    async def claude_events(self, job: RunningJob, data: bytes | None) -> None:
-        """Read a Claude job's stdout (None: its end) and send what it tells, after the output."""
+    async def claude_events(self, job: RunningJob, journal: JournalWriter, data: bytes | None) -> None:
+        """Read a Claude job's stdout (None: its end); what it tells is
+        journaled, then sent, as output is."""
         reader = job.claude_reader
         try:
             if data is None:  # the last line may be as long as any other (up to 16 MiB)
@@ -586,17 +588,25 @@ class Executor:
         for notice in notices:
             if notice.quiet_for is not None:
                 job.quiet_until = max(job.quiet_until, asyncio.get_running_loop().time() + notice.quiet_for)
-            await self.send(bus.CLAUDE_EVENT, {"job_id": job.job_id, "stdout_end": notice.stdout_end,
-                                               "method": notice.method, "params": notice.params})
+        if not notices or job.journal_failed:
+            return
+        records = b"".join(claude_record(notice.stdout_end, protocol.claude_notification(
+            notice.method, job.job_id, notice.params).encode()) for notice in notices)
+        try:
+            offset = await self.in_thread(journal.append, CLAUDE, records)
+        except OSError as exc:
+            self.journal_failed(job, exc, stream=CLAUDE)
+            return
+        await self.send(bus.CLAUDE_EVENT, {"job_id": job.job_id, "stream": CLAUDE, "offset": offset}, records)
 
     @staticmethod
     async def feed_stdin(write_end: int, text: str) -> None:
         """Write text to the job's stdin and close it; canceled (the job is
         over), what was not written is dropped and the pipe closed."""
         loop = asyncio.get_running_loop()
-        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
-                                                            os.fdopen(write_end, "wb", buffering=0))
-        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        transport, flow = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
+                                                        os.fdopen(write_end, "wb", buffering=0))
+        writer = asyncio.StreamWriter(transport, flow, None, loop)
         try:
             writer.write(text.encode())
             await writer.drain()

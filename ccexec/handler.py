@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 import zmq
 import zmq.asyncio
@@ -35,6 +35,7 @@ from websockets.http11 import Request as HttpRequest, Response as HttpResponse
 
 from ccexec import __version__, bus, config, journal, logs, metrics, policy, protocol
 from ccexec.liveness import WatchdogPulse
+from ccexec.journal import JOURNALS
 from ccexec.protocol import STREAMS, ProtocolError
 
 log = logging.getLogger("ccexec.handler")
@@ -67,11 +68,11 @@ def unreadable(exc: OSError) -> str:
 
 
 class StreamState:
-    """Where one output stream of one job stands for one connection."""
+    """Where one journal file of one job (an output stream, or its Claude
+    notifications) stands for one connection."""
 
-    def __init__(self, mode: str, offset: int = 0):
-        self.splitter = protocol.OutputSplitter(mode, offset)
-        self.delivered = offset   # bytes handed to the splitter
+    def __init__(self, offset: int = 0):
+        self.delivered = offset   # bytes read (for output: handed to its splitter)
         self.known = offset       # bytes known to exist in the journal
         self.inline: deque[tuple[int, bytes]] = deque()
         self.inline_bytes = 0
@@ -114,9 +115,14 @@ class JobStream:
         self.done = asyncio.Event()  # its pump has sent all it will
         self.pid = self.pgid = None
         self.notices: deque[str] = deque()
-        self.streams = {s: StreamState(mode, o) for s, o in zip(STREAMS, offsets)}
+        self.streams = {s: StreamState(o) for s, o in zip(JOURNALS, (*offsets, 0))}
+        self.splitters = {s: protocol.OutputSplitter(mode, o) for s, o in zip(STREAMS, offsets)}
         self.final: dict | None = None
-        self.claude: deque[tuple[int, str]] = deque()  # (stdout_end, message): held until stdout is sent that far
+        # Claude notifications, from the start of the job's `claude` journal:
+        # those of lines the client has (attach) are skipped, the others held
+        # as (stdout_end, message) until stdout is sent that far.
+        self.claude_records = journal.ClaudeRecords(after=offsets[0])
+        self.claude: deque[tuple[int, str]] = deque()
         self.finished = False
         # `control` requests of this job awaiting the daemon's answer: its
         # process.completed waits for them, so that it follows their result
@@ -176,12 +182,8 @@ class JobStream:
         self.notices.append(protocol.process_state(status, self.job_id, self.pid, self.pgid))
         self.wake.set()
 
-    def on_claude(self, header: dict) -> None:
-        """A Claude job's event: sent once the output of its line is (never before)."""
-        end = int(header["stdout_end"])
-        self.claude.append((end, protocol.claude_notification(header["method"], self.job_id, header["params"])))
-        stdout = self.streams["stdout"]
-        stdout.known = max(stdout.known, end)  # the executor journaled the line before telling
+    def on_claude(self, offset: int, records: bytes) -> None:
+        self.streams[journal.CLAUDE].offer(offset, records)
         self.wake.set()
 
     def on_completed(self, header: dict) -> None:
@@ -202,6 +204,7 @@ class JobStream:
                     await self.session.send(self.notices.popleft())
                 if not (self.started or self.final is not None):  # output may overtake the start on the data plane
                     continue
+                await self.read_claude()
                 for stream in STREAMS:
                     await self.deliver(stream)
                 await self.send_claude()
@@ -229,8 +232,7 @@ class JobStream:
 
     async def wait_for_events(self) -> None:
         """Wait to be woken; a held partial chunk goes out when output pauses."""
-        holding = [s for s in STREAMS if self.streams[s].splitter.mode == "chunks"
-                   and self.streams[s].splitter.holding]
+        holding = [s for s in STREAMS if self.splitters[s].mode == "chunks" and self.splitters[s].holding]
         try:
             await asyncio.wait_for(self.wake.wait(), CHUNK_FLUSH_DELAY if holding else None)
         except asyncio.TimeoutError:
@@ -242,24 +244,35 @@ class JobStream:
                 if size > state.known:
                     state.known = size  # more to deliver: the line may still end
                 else:
-                    await self.send_output(stream, state.splitter.flush())
+                    await self.send_output(stream, self.splitters[stream].flush())
         self.wake.clear()
 
-    async def deliver(self, stream: str) -> None:
-        state = self.streams[stream]
+    async def read_new(self, name: str) -> AsyncIterator[bytes]:
+        """What is known of a journal file past what was read: live copies
+        while they continue it, else from the journal."""
+        state = self.streams[name]
         while True:
             chunk = state.take_inline()
             if chunk is None and state.delivered < state.known:
-                chunk = await self.session.handler.read_journal(
-                    self.job_id, stream, state.delivered, state.known)
-                if not chunk:
-                    return
+                chunk = await self.session.handler.read_journal(self.job_id, name, state.delivered, state.known)
             if not chunk:
                 return
             state.delivered += len(chunk)
+            yield chunk
+
+    async def deliver(self, stream: str) -> None:
+        async for chunk in self.read_new(stream):
             # In parts: a 256 KiB read of lines split at once held the loop for ~4 ms.
-            for pieces in state.splitter.feed_in_parts(chunk):
+            for pieces in self.splitters[stream].feed_in_parts(chunk):
                 await self.send_output(stream, pieces)
+
+    async def read_claude(self) -> None:
+        async for chunk in self.read_new(journal.CLAUDE):
+            due = self.claude_records.feed(chunk)
+            self.claude.extend(due)
+            if due:  # the executor journaled those lines before them
+                stdout = self.streams["stdout"]
+                stdout.known = max(stdout.known, due[-1][0])
 
     async def send_output(self, stream: str, pieces: list[protocol.Piece]) -> None:
         """`process.output` messages, YIELD_EVERY to a write, giving the loop up between writes."""
@@ -270,28 +283,27 @@ class JobStream:
 
     async def complete(self) -> None:
         final = self.final
-        sizes = {}
-        for stream in STREAMS:
-            state = self.streams[stream]
-            size = final.get(f"{stream}_bytes")
-            if size is None:  # a lost job recorded by an older version: the journal holds what there is
-                size = await self.session.handler.journal_size(self.job_id, stream)
+        for name, state in self.streams.items():
+            size = final.get(f"{name}_bytes")
+            if size is None:  # recorded by an older version: the journal holds what there is
+                size = await self.session.handler.journal_size(self.job_id, name)
             state.known = max(state.known, size)
+        await self.read_claude()
+        for stream in STREAMS:
             await self.deliver(stream)
-            await self.send_output(stream, state.splitter.finish())
-            sizes[stream] = state.delivered
+            await self.send_output(stream, self.splitters[stream].finish())
         await self.send_claude(everything=True)
         while self.notices:
             await self.session.send(self.notices.popleft())
         await self.session.send(protocol.process_completed(
             self.job_id, final.get("pid"), final.get("pgid"), int(final.get("exit_code", -1)),
             final.get("reason", "exit"), final.get("error"), float(final.get("execution_time") or 0.0),
-            sizes["stdout"], sizes["stderr"], claude=final.get("claude")))
+            self.streams["stdout"].delivered, self.streams["stderr"].delivered, claude=final.get("claude")))
         self.finished = True
 
     async def send_claude(self, everything: bool = False) -> None:
         """Send the held Claude events whose lines' output went out (all of them at the end)."""
-        sent_to = self.streams["stdout"].splitter.offset
+        sent_to = self.splitters["stdout"].offset
         while self.claude and (everything or self.claude[0][0] <= sent_to):
             await self.session.send(self.claude.popleft()[1])
 
@@ -667,7 +679,7 @@ class Handler:
         elif kind == bus.STARTED:
             job.on_started(header)
         elif kind == bus.CLAUDE_EVENT:
-            job.on_claude(header)
+            job.on_claude(int(header["offset"]), payload[0])
         elif kind == bus.QUEUED:
             job.on_queued(header)
         elif kind == bus.COMPLETED:

@@ -3,7 +3,11 @@
 Executors append; handlers read any byte range at their own pace, which is
 what lets a slow client fall behind without the daemon buffering its output
 in memory, and lets a client resume from byte offsets on any handler.
-Layout: <state_dir>/jobs/<job_id>/{stdout,stderr}, each made on its first write.
+Layout: <state_dir>/jobs/<job_id>/{stdout,stderr,claude}, each made on its
+first write. `claude` holds a Claude job's notifications (`claude.event`
+and the limit errors), one record per line: the stdout offset at which the
+notification is due, a space, and the notification as clients get it. So
+they survive what the output survives, and are replayed with it.
 These are plain blocking file calls: callers on an event loop run them in
 a worker thread.
 """
@@ -14,6 +18,8 @@ import os
 
 from ccexec.protocol import JOB_ID, STREAMS
 
+CLAUDE = "claude"
+JOURNALS = (*STREAMS, CLAUDE)  # the files of a job's journal
 READ_BLOCK = 256 << 10  # bytes read from a journal at a time (about 3,000 lines of output)
 
 
@@ -32,7 +38,7 @@ class JournalWriter:
     def __init__(self, jobs_dir: str, job_id: str):
         self.path = job_dir(jobs_dir, job_id)
         self.fds: dict[str, int] = {}
-        self.sizes = dict.fromkeys(STREAMS, 0)
+        self.sizes = dict.fromkeys(JOURNALS, 0)
 
     def append(self, stream: str, data: bytes) -> int:
         """Append data; returns the stream offset it was written at."""
@@ -69,7 +75,7 @@ class JournalReplica(JournalWriter):
 
     def __init__(self, jobs_dir: str, job_id: str):
         super().__init__(jobs_dir, job_id)
-        self.sizes = {s: _size(os.path.join(self.path, s)) for s in STREAMS}  # a restarted broker goes on
+        self.sizes = {s: _size(os.path.join(self.path, s)) for s in JOURNALS}  # a restarted broker goes on
 
     def accept(self, stream: str, offset: int, data: bytes) -> tuple[int, bytes] | None:
         """(offset, the bytes that were new) or None for a gap."""
@@ -94,9 +100,39 @@ def stream_size(jobs_dir: str, job_id: str, stream: str) -> int:
 
 
 def recorded_sizes(jobs_dir: str, job_id: str) -> dict[str, int]:
-    """`stdout_bytes` and `stderr_bytes` of a job whose executor died before
-    it could report them: what its journal holds."""
-    return {f"{stream}_bytes": stream_size(jobs_dir, job_id, stream) for stream in STREAMS}
+    """The byte counts of a job whose executor died before it could report
+    them: what its journal holds."""
+    return byte_counts({name: stream_size(jobs_dir, job_id, name) for name in JOURNALS})
+
+
+def byte_counts(sizes: dict[str, int] | None = None) -> dict[str, int]:
+    """`stdout_bytes`, `stderr_bytes` and `claude_bytes` of a job's end
+    (each 0 without sizes): how much of each file its clients are due."""
+    sizes = sizes or dict.fromkeys(JOURNALS, 0)
+    return {f"{name}_bytes": sizes[name] for name in JOURNALS}
+
+
+def claude_record(stdout_end: int, message: bytes) -> bytes:
+    """One line of the `claude` journal (a notification holds no newline: it is compact JSON)."""
+    return b"%d %s\n" % (stdout_end, message)
+
+
+class ClaudeRecords:
+    """Reads the `claude` journal, fed in pieces as they come: (stdout_end,
+    notification) of each whole record whose line ends past `after`."""
+
+    def __init__(self, after: int = 0):
+        self.after = after  # stdout the client already has: its lines' notifications are not sent again
+        self.partial = b""
+
+    def feed(self, data: bytes) -> list[tuple[int, str]]:
+        *records, self.partial = (self.partial + data).split(b"\n")
+        due = []
+        for record in records:
+            end, message = record.split(b" ", 1)
+            if int(end) > self.after:
+                due.append((int(end), message.decode()))
+        return due
 
 
 def _size(path: str) -> int:

@@ -10,7 +10,9 @@ notifications, each only after the output of the line it came from, and a
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
 
 import pytest
 
@@ -658,3 +660,53 @@ async def test_a_client_keeps_only_its_newest_unread_notifications(daemon, tmp_p
         kept = [client.notifications.get_nowait() for _ in range(client.notifications.qsize())]
     attempts = [m["params"]["attempt"] for m in kept if m.get("method") == "claude.event"]
     assert len(kept) == NOTIFICATIONS_KEPT and attempts[-1] == count
+
+
+# ------------------------------------------------------------------ notifications are journaled
+
+
+@async_test(60)
+async def test_attach_replays_the_notifications_of_the_lines_it_replays(daemon):
+    wire = await Wire.open(daemon.url)
+    _, completed = await wire.run(30, command=CLAUDE, env={"FAKE_CLAUDE_SCENARIO": "tool_use"})
+    job_id = completed["job_id"]
+    live = claude_events(wire, job_id)
+    assert [e["kind"] for e in live] == ["init", "tool_use", "result"]
+    second_line = output_lines(wire, job_id)[1][0]
+    for stdout_offset, expected in ((0, live), (second_line - 1, live), (second_line, live[1:])):
+        other = await Wire.open(daemon.url)
+        await other.answer(await other.request("attach", {"job_id": job_id, "stdout_offset": stdout_offset}))
+        await other.completed(job_id)
+        assert claude_events(other, job_id) == expected, stdout_offset
+        assert assert_each_event_follows_its_line(other, job_id) == len(expected)
+        await other.close()
+    await wire.close()
+
+
+@async_test(90)
+async def test_notifications_told_while_the_broker_is_down_reach_the_client(make_daemon, tmp_path):
+    """The job writes its last lines (a tool call, a usage limit, its result)
+    just after the broker is killed: what the executor sends then is lost on
+    the way, and the client still gets all of it, from the journal."""
+    d = make_daemon()
+    go = tmp_path / "go"
+    tool_use = json.dumps({"type": "assistant", "message": {"content": [
+        {"type": "tool_use", "id": "toolu_01abc", "name": "Bash", "input": {"command": "ls"}}]}})
+    limited = json.dumps({"type": "rate_limit_event", "rate_limit_info": {"status": "rejected",
+                                                                         "resetsAt": 1900000000}})
+    lines = [NOT_LOGGED_IN_INIT, tool_use, limited, NOT_LOGGED_IN_RESULT]
+    command = (f"echo {shlex.quote(lines[0])}; while [ ! -e {go} ]; do sleep 0.02; done; "
+               + "; ".join(f"echo {shlex.quote(line)}" for line in lines[1:]))
+    [broker] = d.role_pids("broker")
+    wire = await Wire.open(d.url)
+    job_id = (await wire.execute(command=command, claude=True))["job_id"]
+    await wire.until(lambda m: m.get("method") == "claude.event", 20)
+    os.kill(broker, signal.SIGKILL)
+    go.touch()
+    completed = await wire.completed(job_id, 60)
+    assert completed["reason"] == "exit" and wire.text(job_id) == "".join(line + "\n" for line in lines)
+    assert [e["kind"] for e in claude_events(wire, job_id)] == ["init", "tool_use", "result"]
+    (limit,) = of_method(wire, job_id, "error.rate_limit_exceeded")
+    assert (limit["error_type"], limit["reset_timestamp"]) == ("usage_limit", 1900000000)
+    assert assert_each_event_follows_its_line(wire, job_id) == 3
+    await wire.close()

@@ -23,6 +23,7 @@ from ccexec.config import Settings
 from ccexec.executor import Executor
 from support import (Daemon, ExecutorNode, async_test, cluster_keys, finish, free_port, line_printer, node_executors,
                      remote_head_settings, wait_for)
+from wire import Wire
 
 PRINT_LINES, EXPECTED = line_printer(60_000)  # 2.2 MB of output: many network chunks
 
@@ -335,3 +336,24 @@ async def test_a_node_job_whose_output_cannot_be_journaled_is_ended_and_says_so(
             assert (await again.wait(30)).stdout == "kept\n"
     finally:
         finish(node, head)
+
+
+@async_test(60)
+async def test_a_claude_job_on_the_node_tells_its_notifications_and_the_head_replays_them(cluster):
+    head, node, _, _ = cluster
+    lines = ['{"type":"system","subtype":"init","session_id":"s-1","model":"m","tools":["Bash"]}',
+             '{"type":"result","subtype":"success","is_error":false,"result":"4","num_turns":1}']
+    command = "; ".join(f"echo '{line}'" for line in lines)
+    wire = await Wire.open(head.url)
+    _, completed = await wire.run(30, command=command, claude=True, labels={"site": "far"})
+    job_id = completed["job_id"]
+    events = [m["params"] for m in wire.of_job(job_id) if m.get("method") == "claude.event"]
+    assert [(e["kind"], e["offset"]) for e in events] == [("init", 0), ("result", len(lines[0]) + 1)]
+    # The node's journal is gone once the head has the job's end: the replay is the head's copy.
+    wait_for(lambda: not (node.state_dir / "jobs" / job_id).exists(), 10, what="the node's journal removed")
+    again = await Wire.open(head.url)
+    await again.answer(await again.request("attach", {"job_id": job_id}))
+    await again.completed(job_id)
+    assert [m["params"] for m in again.of_job(job_id) if m.get("method") == "claude.event"] == events
+    await wire.close()
+    await again.close()

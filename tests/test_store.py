@@ -121,7 +121,7 @@ def test_replica_writes_each_byte_once_in_order_and_refuses_gaps(tmp_path):
     replica.close()
     assert (tmp_path / ("e" * 32) / "stdout").read_bytes() == b"hello world"
     reopened = JournalReplica(str(tmp_path), "e" * 32)  # a restarted broker goes on where it was
-    assert reopened.sizes == {"stdout": 11, "stderr": 1}
+    assert reopened.sizes == {"stdout": 11, "stderr": 1, "claude": 0}
     reopened.close()
 
 
@@ -130,7 +130,7 @@ def test_journal_makes_a_stream_file_only_when_the_stream_is_written(tmp_path):
 
     job_id = "f" * 32
     journal = JournalWriter(str(tmp_path), job_id)
-    assert not (tmp_path / job_id).exists() and journal.sizes == {"stdout": 0, "stderr": 0}
+    assert not (tmp_path / job_id).exists() and journal.sizes == {"stdout": 0, "stderr": 0, "claude": 0}
     assert journal.append("stdout", b"hi\n") == 0
     assert journal.append("stdout", b"there\n") == 3
     journal.close()
@@ -138,3 +138,19 @@ def test_journal_makes_a_stream_file_only_when_the_stream_is_written(tmp_path):
     assert stream_size(str(tmp_path), job_id, "stdout") == 9
     assert stream_size(str(tmp_path), job_id, "stderr") == 0
     assert (tmp_path / job_id / "stdout").read_bytes() == b"hi\nthere\n"
+
+
+def test_claude_records_come_whole_however_they_are_cut_and_skip_lines_the_client_has():
+    from ccexec.journal import ClaudeRecords, claude_record
+
+    first = '{"jsonrpc":"2.0","method":"claude.event","params":{"kind":"init","offset":0,"text":"a b"}}'
+    second = '{"jsonrpc":"2.0","method":"claude.event","params":{"kind":"result","offset":120}}'
+    data = claude_record(120, first.encode()) + claude_record(300, second.encode())
+    assert data == f"120 {first}\n300 {second}\n".encode()
+    for cut in range(len(data) + 1):
+        reader = ClaudeRecords()
+        assert reader.feed(data[:cut]) + reader.feed(data[cut:]) == [(120, first), (300, second)]
+    # From stdout byte 120 on, the first line is the client's already; from 119, a byte of it is not.
+    assert ClaudeRecords(after=120).feed(data) == [(300, second)]
+    assert ClaudeRecords(after=119).feed(data) == [(120, first), (300, second)]
+    assert ClaudeRecords(after=300).feed(data) == []
