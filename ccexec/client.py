@@ -11,7 +11,8 @@
 
 A dropped connection is resumed by itself: the client reconnects (bounded
 by its RetryPolicy) and `attach`es every unfinished job from the byte
-offsets it has, so each job's output arrives exactly once, in order. It
+offsets it has, and the count of its Claude notifications, so each job's
+output and notifications arrive exactly once, in order. It
 reconnects with no job running too, and a request made meanwhile is sent
 on the new connection.
 """
@@ -28,6 +29,8 @@ from typing import Any, AsyncIterator, Collection
 
 import websockets
 from websockets.asyncio.client import ClientConnection
+
+from ccexec.protocol import CLAUDE_METHODS
 
 DEFAULT_URL = "ws://127.0.0.1:8004/ws"
 # Unread notifications a client keeps (heartbeats, claude.event, errors of no
@@ -108,8 +111,16 @@ class Job:
         self.completed: dict | None = None
         self.failure: Exception | None = None  # why no more of the job can come, once events() has raised it
         self.offsets = {"stdout": 0, "stderr": 0}  # where a resume picks up
+        # The job's Claude notifications this client has had (they go to
+        # Client.notifications); None after an attach that did not say
+        # where they start, whose resume then goes by stdout_offset alone.
+        self.claude_offset: int | None = 0
 
     def _on_event(self, method: str, params: dict) -> None:
+        if method in CLAUDE_METHODS:
+            if self.claude_offset is not None:
+                self.claude_offset += 1
+            return
         if method == "process.output":
             stream, data, end = params["type"], params["data"], params["offset"] + params["size"]
             if stream not in self.offsets or not isinstance(data, str) or not isinstance(end, int):
@@ -298,7 +309,8 @@ class Client:
                 for job in unfinished:
                     _, answer = await self._request("attach", {
                         "job_id": job.job_id, "stdout_offset": job.offsets["stdout"],
-                        "stderr_offset": job.offsets["stderr"], "stream_mode": job.stream_mode}, resumed=False)
+                        "stderr_offset": job.offsets["stderr"], "claude_offset": job.claude_offset,
+                        "stream_mode": job.stream_mode}, resumed=False)
                     answer.add_done_callback(functools.partial(self._attach_answered, job))
             except (OSError, websockets.InvalidHandshake, websockets.ConnectionClosed, asyncio.TimeoutError):
                 continue
@@ -332,19 +344,22 @@ class Client:
         if method == "connected":
             self.session = params
         job_id = params.get("job_id") if isinstance(params, dict) else None
-        if job_id is not None and isinstance(method, str) and method.startswith("process."):
-            job = self._jobs.get(job_id)
-            if job is not None:
-                job._on_event(method, params)
-                if job.completed is not None:
-                    del self._jobs[job_id]  # nothing follows process.completed: not kept for a resume
-            elif job_id in self._abandoned:
-                if method == "process.completed":
-                    self._abandoned.discard(job_id)
-            else:
-                self._early.setdefault(job_id, []).append((method, params))
-        else:
+        claude = method in CLAUDE_METHODS  # notifications, not events(): the job only counts them
+        process = isinstance(method, str) and method.startswith("process.")
+        if claude or job_id is None or not process:
             self._notify(message)
+        if job_id is None or not (claude or process):
+            return
+        job = self._jobs.get(job_id)
+        if job is not None:
+            job._on_event(method, params)
+            if job.completed is not None:
+                del self._jobs[job_id]  # nothing follows process.completed: not kept for a resume
+        elif job_id in self._abandoned:
+            if method == "process.completed":
+                self._abandoned.discard(job_id)
+        else:
+            self._early.setdefault(job_id, []).append((method, params))
 
     def _abandon(self, method: str, result: Any) -> None:
         """An execute or attach answered after its caller gave up: nobody
@@ -448,14 +463,18 @@ class Client:
         return await self.call("ping")
 
     async def attach(self, job_id: str, stdout_offset: int = 0, stderr_offset: int = 0,
-                     stream_mode: str = "lines") -> Job:
-        """Follow a job started elsewhere (or earlier), from byte offsets."""
+                     stream_mode: str = "lines", claude_offset: int | None = None) -> Job:
+        """Follow a job started elsewhere (or earlier), from byte offsets (and
+        from its `claude_offset`-th Claude notification, else from those of
+        the lines after stdout_offset)."""
         job = Job(self, job_id, "attached", None, stream_mode)
         job.offsets = {"stdout": stdout_offset, "stderr": stderr_offset}
+        job.claude_offset = claude_offset if claude_offset is not None or stdout_offset else 0
         self._jobs[job_id] = job  # events of the replay may come before the answer
         try:
             result = await self.call("attach", {"job_id": job_id, "stdout_offset": stdout_offset,
-                                                "stderr_offset": stderr_offset, "stream_mode": stream_mode})
+                                                "stderr_offset": stderr_offset, "claude_offset": claude_offset,
+                                                "stream_mode": stream_mode})
         except BaseException:
             self._jobs.pop(job_id, None)
             raise

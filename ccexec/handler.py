@@ -98,7 +98,8 @@ class JobStream:
     """One job as one connection sees it: its messages, in order, once."""
 
     def __init__(self, session: "Session", job_id: str, mode: str, *, request_id=None,
-                 has_id: bool = False, submit: dict | None = None, offsets: tuple[int, int] = (0, 0)):
+                 has_id: bool = False, submit: dict | None = None, offsets: tuple[int, int] = (0, 0),
+                 claude_offset: int | None = None):
         self.session = session
         self.job_id = job_id
         self.request_id, self.has_id = request_id, has_id
@@ -119,9 +120,10 @@ class JobStream:
         self.splitters = {s: protocol.OutputSplitter(mode, o) for s, o in zip(STREAMS, offsets)}
         self.final: dict | None = None
         # Claude notifications, from the start of the job's `claude` journal:
-        # those of lines the client has (attach) are skipped, the others held
-        # as (stdout_end, message) until stdout is sent that far.
-        self.claude_records = journal.ClaudeRecords(after=offsets[0])
+        # those the client has (attach) are skipped, the others held as
+        # (stdout_end, message) until stdout is sent that far.
+        self.claude_records = journal.ClaudeRecords(after=offsets[0]) if claude_offset is None \
+            else journal.ClaudeRecords(skip=claude_offset)
         self.claude: deque[tuple[int, str]] = deque()
         self.finished = False
         # `control` requests of this job awaiting the daemon's answer: its
@@ -480,7 +482,7 @@ class Session:
         if not protocol.JOB_ID.match(spec.job_id):
             raise ProtocolError(protocol.JOB_NOT_FOUND, f"Job not found: {spec.job_id}", {"job_id": spec.job_id}, request.id)
         offsets = (spec.stdout_offset, spec.stderr_offset)
-        job = JobStream(self, spec.job_id, spec.stream_mode, offsets=offsets)
+        job = JobStream(self, spec.job_id, spec.stream_mode, offsets=offsets, claude_offset=spec.claude_offset)
         self.jobs[job.job_id] = job
         self.handler.follow(job)  # before asking, so no event slips by meanwhile
         try:

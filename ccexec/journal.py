@@ -119,10 +119,12 @@ def claude_record(stdout_end: int, message: bytes) -> bytes:
 
 class ClaudeRecords:
     """Reads the `claude` journal, fed in pieces as they come: (stdout_end,
-    notification) of each whole record whose line ends past `after`."""
+    notification) of each whole record the client does not have. It has
+    the first `skip` records, and those of lines that end by stdout byte
+    `after`."""
 
-    def __init__(self, after: int = 0):
-        self.after = after  # stdout the client already has: its lines' notifications are not sent again
+    def __init__(self, after: int = 0, skip: int = 0):
+        self.after, self.skip = after, skip
         self.partial = b""
 
     def feed(self, data: bytes) -> list[tuple[int, str]]:
@@ -130,7 +132,9 @@ class ClaudeRecords:
         due = []
         for record in records:
             end, message = record.split(b" ", 1)
-            if int(end) > self.after:
+            if self.skip:
+                self.skip -= 1
+            elif int(end) > self.after:
                 due.append((int(end), message.decode()))
         return due
 

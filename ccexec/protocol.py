@@ -126,6 +126,7 @@ class AttachSpec:
     stdout_offset: int = 0
     stderr_offset: int = 0
     stream_mode: str = "lines"
+    claude_offset: int | None = None  # Claude notifications the client has (None: those of its stdout)
 
 
 # ---------------------------------------------------------------- encoding
@@ -436,12 +437,12 @@ def _job_id(request: Request) -> str:
     return job_id
 
 
-def _offset(request: Request, name: str) -> int:
+def _offset(request: Request, name: str, unit: str = "byte offset") -> int:
     value = request.params.get(name, 0)
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _invalid(request, name, "must be a non-negative integer byte offset")
+        raise _invalid(request, name, f"must be a non-negative integer {unit}")
     return value
 
 
@@ -454,8 +455,10 @@ def _stream_mode(request: Request) -> str:
 
 
 def parse_attach(request: Request) -> AttachSpec:
+    claude_offset = None if request.params.get("claude_offset") is None else \
+        _offset(request, "claude_offset", "count of notifications")
     return AttachSpec(_job_id(request), _offset(request, "stdout_offset"),
-                      _offset(request, "stderr_offset"), _stream_mode(request))
+                      _offset(request, "stderr_offset"), _stream_mode(request), claude_offset)
 
 
 def parse_job_status(request: Request) -> str:

@@ -673,12 +673,17 @@ async def test_attach_replays_the_notifications_of_the_lines_it_replays(daemon):
     live = claude_events(wire, job_id)
     assert [e["kind"] for e in live] == ["init", "tool_use", "result"]
     second_line = output_lines(wire, job_id)[1][0]
-    for stdout_offset, expected in ((0, live), (second_line - 1, live), (second_line, live[1:])):
+    # (stdout_offset, claude_offset): without a claude_offset, the events of
+    # the lines that end after stdout_offset; with one, all but that many.
+    for offsets, expected in (((0, None), live), ((second_line - 1, None), live), ((second_line, None), live[1:]),
+                              ((0, 1), live[1:]), ((second_line, 0), live), ((0, 3), []), ((0, 99), [])):
         other = await Wire.open(daemon.url)
-        await other.answer(await other.request("attach", {"job_id": job_id, "stdout_offset": stdout_offset}))
+        await other.answer(await other.request("attach", {"job_id": job_id, "stdout_offset": offsets[0],
+                                                          "claude_offset": offsets[1]}))
         await other.completed(job_id)
-        assert claude_events(other, job_id) == expected, stdout_offset
-        assert assert_each_event_follows_its_line(other, job_id) == len(expected)
+        assert claude_events(other, job_id) == expected, offsets
+        if offsets[0] == 0:  # (its helper reads offsets from the start of stdout)
+            assert assert_each_event_follows_its_line(other, job_id) == len(expected)
         await other.close()
     await wire.close()
 

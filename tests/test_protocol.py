@@ -579,6 +579,27 @@ class TestParseControl:
         assert info.value.data == {"param": "job_id"}
 
 
+class TestParseAttach:
+    JOB = "a" * 32
+
+    def attach(self, **params):
+        return p.parse_attach(Request(method="attach", params={"job_id": self.JOB, **params}, id=3, has_id=True))
+
+    def test_offsets_default_to_the_start_and_claude_offset_to_none(self):
+        assert self.attach() == p.AttachSpec(self.JOB, 0, 0, "lines", None)
+        assert self.attach(claude_offset=None).claude_offset is None
+
+    def test_claude_offset_is_a_count_kept_as_given(self):
+        assert self.attach(stdout_offset=10, claude_offset=0).claude_offset == 0
+        assert self.attach(claude_offset=7) == p.AttachSpec(self.JOB, 0, 0, "lines", 7)
+
+    @pytest.mark.parametrize("value", [-1, True, 1.5, "2", [1]])
+    def test_a_bad_claude_offset_is_invalid_params(self, value):
+        with pytest.raises(ProtocolError) as info:
+            self.attach(claude_offset=value)
+        assert (info.value.code, info.value.data, info.value.request_id) == (-32602, {"param": "claude_offset"}, 3)
+
+
 # ======================================================= message builders
 
 def output_text(job_id: str, stream: str, piece: Piece) -> str:

@@ -479,3 +479,30 @@ async def test_a_job_whose_connection_is_lost_says_so_to_every_later_wait():
                 pass
         with pytest.raises(ConnectionLost):
             await job.wait(10)
+
+
+@async_test(90)
+async def test_a_resumed_client_gets_each_claude_notification_once(make_daemon, tmp_path):
+    """kill -9 of the handler in the middle of a Claude job: the notifications
+    of the lines the job writes meanwhile come after the resume, and those
+    the client had do not come again."""
+    d = make_daemon()
+    go = tmp_path / "go"
+    init = '{"type":"system","subtype":"init","session_id":"s-1","model":"m","tools":[]}'
+    tool_use = '{"type":"assistant","message":{"content":[{"type":"tool_use","id":"toolu_1","name":"Bash"}]}}'
+    result = '{"type":"result","subtype":"success","is_error":false,"result":"4","num_turns":2}'
+    command = f"echo '{init}'; while [ ! -e {go} ]; do sleep 0.02; done; echo '{tool_use}'; echo '{result}'"
+    async with Client(d.url) as client:
+        job = await client.execute(command, claude=True)
+        first = await asyncio.wait_for(client.notifications.get(), 20)
+        while first.get("method") != "claude.event":  # heartbeats may come first
+            first = await asyncio.wait_for(client.notifications.get(), 20)
+        [served_by] = [pid for pid in d.role_pids("handler") if serves(pid, client)]
+        os.kill(served_by, signal.SIGKILL)
+        await asyncio.wait_for(client.ws.wait_closed(), 20)
+        go.touch()
+        done = await job.wait(60)
+        rest = [client.notifications.get_nowait() for _ in range(client.notifications.qsize())]
+    assert client.reconnects == 1 and done.reason == "exit"
+    kinds = [m["params"]["kind"] for m in [first, *rest] if m.get("method") == "claude.event"]
+    assert kinds == ["init", "tool_use", "result"] and job.claude_offset == 3

@@ -154,3 +154,8 @@ def test_claude_records_come_whole_however_they_are_cut_and_skip_lines_the_clien
     assert ClaudeRecords(after=120).feed(data) == [(300, second)]
     assert ClaudeRecords(after=119).feed(data) == [(120, first), (300, second)]
     assert ClaudeRecords(after=300).feed(data) == []
+    # A count of records the client has, however the records are cut.
+    for cut in range(len(data) + 1):
+        reader = ClaudeRecords(skip=1)
+        assert reader.feed(data[:cut]) + reader.feed(data[cut:]) == [(300, second)]
+    assert ClaudeRecords(skip=2).feed(data) == [] and ClaudeRecords(skip=0).feed(data) == [(120, first), (300, second)]
