@@ -18,6 +18,7 @@ from ccexec.journal import job_dir
 PUBLIC = ("job_id", "name", "command", "state", "pid", "node", "exit_code", "reason", "error", "created_at",
           "started_at", "finished_at", "stdout_bytes", "stderr_bytes")
 PRUNE_BATCH = 200  # journals removed per pass, so one pass never blocks for long
+JOURNAL_BYTES = "stdout_bytes + stderr_bytes + claude_bytes"  # what a job's journal holds on disk
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -25,7 +26,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     pgid INTEGER, exit_code INTEGER, reason TEXT, error TEXT, client TEXT,
     created_at REAL NOT NULL, started_at REAL, finished_at REAL,
     stdout_bytes INTEGER NOT NULL DEFAULT 0, stderr_bytes INTEGER NOT NULL DEFAULT 0,
-    completed TEXT, node TEXT, spec TEXT, after TEXT
+    completed TEXT, node TEXT, spec TEXT, after TEXT, claude_bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
@@ -51,9 +52,11 @@ class JobStore:
         self.db.execute("PRAGMA busy_timeout=2000")
         self.db.executescript(SCHEMA)
         columns = {row["name"] for row in self.db.execute("PRAGMA table_info(jobs)")}
-        for column in ("node", "spec", "after"):  # a database from before remote executors, or kept queues
+        # A database from before remote executors, kept queues or journaled Claude notifications:
+        for column, kind in (("node", "TEXT"), ("spec", "TEXT"), ("after", "TEXT"),
+                             ("claude_bytes", "INTEGER NOT NULL DEFAULT 0")):
             if column not in columns:
-                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.commit()
@@ -90,10 +93,10 @@ class JobStore:
         self._write(
             "UPDATE jobs SET state='finished', exit_code=?, reason=?, error=?, finished_at=?, spec=NULL,"
             " stdout_bytes=COALESCE(?, stdout_bytes), stderr_bytes=COALESCE(?, stderr_bytes),"
-            " pid=COALESCE(?, pid), completed=? WHERE job_id=?",
+            " claude_bytes=COALESCE(?, claude_bytes), pid=COALESCE(?, pid), completed=? WHERE job_id=?",
             (completed.get("exit_code"), completed.get("reason"), completed.get("error"), time.time(),
-             completed.get("stdout_bytes"), completed.get("stderr_bytes"), completed.get("pid"),
-             json.dumps(completed), completed["job_id"]))
+             completed.get("stdout_bytes"), completed.get("stderr_bytes"), completed.get("claude_bytes"),
+             completed.get("pid"), json.dumps(completed), completed["job_id"]))
 
     # -- reads
 
@@ -128,10 +131,10 @@ class JobStore:
         victims = [r[0] for r in self.db.execute(
             "SELECT job_id FROM jobs WHERE state='finished' AND finished_at < ? ORDER BY finished_at LIMIT ?",
             (time.time() - max_age, PRUNE_BATCH))]
-        total = self.db.execute("SELECT COALESCE(SUM(stdout_bytes + stderr_bytes), 0) FROM jobs").fetchone()[0]
+        total = self.db.execute(f"SELECT COALESCE(SUM({JOURNAL_BYTES}), 0) FROM jobs").fetchone()[0]
         if total > max_bytes and len(victims) < PRUNE_BATCH:
             for job_id, size in self.db.execute(
-                    "SELECT job_id, stdout_bytes + stderr_bytes FROM jobs WHERE state='finished'"
+                    f"SELECT job_id, {JOURNAL_BYTES} FROM jobs WHERE state='finished'"
                     " ORDER BY finished_at LIMIT ?", (PRUNE_BATCH,)):
                 if total <= max_bytes:
                     break

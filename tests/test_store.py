@@ -19,15 +19,16 @@ def store(tmp_path):
     s.close()
 
 
-def _job(store: JobStore, tmp_path, job_id: str, size: int = 0, finished: bool = True) -> None:
+def _job(store: JobStore, tmp_path, job_id: str, size: int = 0, finished: bool = True, claude: int = 0) -> None:
     store.accepted(job_id, {"command": f"echo {job_id}", "name": None}, "127.0.0.1:1", "queued")
     store.started(job_id, 100, 100, time.time())
     journal = tmp_path / "jobs" / job_id
     journal.mkdir()
     (journal / "stdout").write_bytes(b"x" * size)
+    (journal / "claude").write_bytes(b"y" * claude)
     if finished:
         store.finished({"job_id": job_id, "exit_code": 0, "reason": "exit", "error": None,
-                        "stdout_bytes": size, "stderr_bytes": 0, "pid": 100})
+                        "stdout_bytes": size, "stderr_bytes": 0, "claude_bytes": claude, "pid": 100})
 
 
 def test_database_is_in_wal_mode(store):
@@ -75,6 +76,13 @@ def test_prune_keeps_total_journal_size_under_the_limit_oldest_first(store, tmp_
     assert sorted(os.listdir(tmp_path / "jobs")) == ["b" * 32, "c" * 32]
 
 
+def test_prune_counts_a_claude_jobs_notifications_in_its_journal_size(store, tmp_path):
+    for name in "ab":
+        _job(store, tmp_path, name * 32, size=1000, claude=600)
+    assert store.prune(max_age=86400, max_bytes=2500) == 1  # 3,200 bytes in all; 2,000 of output
+    assert store.get("a" * 32) is None and store.get("b" * 32)["claude_bytes"] == 600
+
+
 def test_prune_never_touches_running_jobs(store, tmp_path):
     _job(store, tmp_path, "a" * 32, size=5000, finished=False)
     assert store.prune(max_age=0, max_bytes=0) == 0
@@ -88,7 +96,7 @@ def test_a_job_on_a_node_is_recorded_with_its_node_and_no_local_group(store, tmp
     assert (record["node"], record["pid"], record["pgid"]) == ("far-node", 4242, None)
 
 
-def test_a_database_from_before_nodes_gains_the_node_column(tmp_path):
+def test_a_database_of_an_older_version_gains_the_new_columns(tmp_path):
     import sqlite3
 
     old = sqlite3.connect(tmp_path / "jobs.db")
@@ -101,7 +109,7 @@ def test_a_database_from_before_nodes_gains_the_node_column(tmp_path):
     old.close()
     store = JobStore(str(tmp_path))
     try:
-        assert store.get("d" * 32)["node"] is None
+        assert store.get("d" * 32)["node"] is None and store.get("d" * 32)["claude_bytes"] == 0
     finally:
         store.close()
 
