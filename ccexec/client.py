@@ -469,7 +469,8 @@ class Client:
         the lines after stdout_offset)."""
         job = Job(self, job_id, "attached", None, stream_mode)
         job.offsets = {"stdout": stdout_offset, "stderr": stderr_offset}
-        job.claude_offset = claude_offset if claude_offset is not None or stdout_offset else 0
+        # Known from the first notification on, unless the replay starts after it by stdout_offset alone:
+        job.claude_offset = claude_offset if claude_offset is not None else (None if stdout_offset else 0)
         self._jobs[job_id] = job  # events of the replay may come before the answer
         try:
             result = await self.call("attach", {"job_id": job_id, "stdout_offset": stdout_offset,

@@ -715,3 +715,17 @@ async def test_notifications_told_while_the_broker_is_down_reach_the_client(make
     assert (limit["error_type"], limit["reset_timestamp"]) == ("usage_limit", 1900000000)
     assert assert_each_event_follows_its_line(wire, job_id) == 3
     await wire.close()
+
+
+@async_test(60)
+async def test_a_client_counts_the_notifications_of_each_job_it_follows(daemon):
+    async with Client(daemon.url) as client:
+        ran = await client.execute(CLAUDE, env={"FAKE_CLAUDE_SCENARIO": "tool_use"})
+        done = await ran.wait(30)
+        whole = await client.attach(done.job_id)
+        await whole.wait(30)
+        rest = await client.attach(done.job_id, claude_offset=2)
+        await rest.wait(30)
+        unknown = await client.attach(done.job_id, stdout_offset=1)  # how many were before: not said
+        await unknown.wait(30)
+    assert (ran.claude_offset, whole.claude_offset, rest.claude_offset, unknown.claude_offset) == (3, 3, 3, None)
