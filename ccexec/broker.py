@@ -641,7 +641,7 @@ class Broker:
 
     def on_completed(self, peer: Peer, header: dict) -> None:
         job_id = bus.header_field(header, "job_id", str)
-        job = self.jobs.get(job_id) or self.claim(job_id)
+        job = self.jobs.get(job_id) or self.claim(job_id, peer)
         if job is not None and peer.remote and not self.speaks_for(peer, job):
             job = None  # acknowledged, so the node stops telling, and otherwise ignored
         elif job is not None and peer.remote and not self.replica_complete(peer, job, header):
@@ -733,13 +733,17 @@ class Broker:
         job.replica.close()
         return True
 
-    def claim(self, job_id: str) -> Job | None:
-        """Turn a record a previous broker left unfinished back into a job."""
+    def claim(self, job_id: str, reporter: Peer | None = None) -> Job | None:
+        """Turn a record a previous broker left unfinished back into a job;
+        one a node ran is that node's executor's, if it is the one telling
+        (of the job's end: the job did not outlast the broker's restart)."""
         record = self.unclaimed.pop(job_id, None)
         if record is None:
             return None
         job = Job(job_id, {}, state=record["state"], pid=record["pid"], pgid=record["pgid"],
                   created_at=record["created_at"], started_at=record["started_at"], remote=bool(record["node"]))
+        if reporter is not None and reporter.remote and record["node"] == reporter.node:
+            job.executor = reporter.identity
         job.subscribers = self.waiting_subscribers.pop(job_id, set())
         self.jobs[job_id] = job
         return job

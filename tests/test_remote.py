@@ -242,6 +242,24 @@ async def test_kill_9_of_the_head_broker_loses_no_output_of_a_node_job(cluster):
                  what="a new broker")
 
 
+@async_test(90)
+async def test_a_node_job_that_ends_while_the_head_broker_is_down_is_recorded_and_told(cluster, tmp_path):
+    """The node tells the new broker of the job's end when it registers; the
+    broker knows the job only from its record, which names the node."""
+    head, _, _, _ = cluster
+    go = tmp_path / "go"
+    async with Client(head.url) as client:
+        job = await client.execute(f"echo waiting; while [ ! -e {go} ]; do sleep 0.02; done; echo done",
+                                   labels={"site": "far"})
+        assert await anext(_outputs(job)) == "waiting\n"
+        (broker,) = head.role_pids("broker")
+        os.kill(broker, signal.SIGKILL)
+        go.touch()
+        result = await job.wait(60)
+        assert (result.exit_code, result.reason, result.stdout) == (0, "exit", "waiting\ndone\n")
+        assert (await client.job_status(job.job_id))["state"] == "finished"
+
+
 async def _outputs(job):
     async for event in job.events(30):
         if event["method"] == "process.output":
@@ -338,22 +356,34 @@ async def test_a_node_job_whose_output_cannot_be_journaled_is_ended_and_says_so(
         finish(node, head)
 
 
-@async_test(60)
-async def test_a_claude_job_on_the_node_tells_its_notifications_and_the_head_replays_them(cluster):
+@async_test(90)
+async def test_a_claude_job_on_the_node_loses_no_notification_to_a_head_broker_kill(cluster, tmp_path):
+    """What the node sends while the head's broker is down is lost on the
+    wire: the new broker finds the gap in its copy of the job's `claude`
+    journal, as in its output, and asks the node again."""
     head, node, _, _ = cluster
+    go = tmp_path / "go"
     lines = ['{"type":"system","subtype":"init","session_id":"s-1","model":"m","tools":["Bash"]}',
+             '{"type":"assistant","message":{"content":[{"type":"tool_use","id":"toolu_1","name":"Bash"}]}}',
              '{"type":"result","subtype":"success","is_error":false,"result":"4","num_turns":1}']
-    command = "; ".join(f"echo '{line}'" for line in lines)
+    command = f"echo '{lines[0]}'; while [ ! -e {go} ]; do sleep 0.02; done; echo '{lines[1]}'; echo '{lines[2]}'"
     wire = await Wire.open(head.url)
-    _, completed = await wire.run(30, command=command, claude=True, labels={"site": "far"})
-    job_id = completed["job_id"]
+    job_id = (await wire.execute(command=command, claude=True, labels={"site": "far"}))["job_id"]
+    await wire.until(lambda m: m.get("method") == "claude.event", 20)
+    (broker,) = head.role_pids("broker")
+    os.kill(broker, signal.SIGKILL)
+    go.touch()
+    completed = await wire.completed(job_id, 60)
+    assert completed["reason"] == "exit" and wire.text(job_id) == "".join(line + "\n" for line in lines)
     events = [m["params"] for m in wire.of_job(job_id) if m.get("method") == "claude.event"]
-    assert [(e["kind"], e["offset"]) for e in events] == [("init", 0), ("result", len(lines[0]) + 1)]
+    starts = [0, len(lines[0]) + 1, len(lines[0]) + len(lines[1]) + 2]
+    assert [(e["kind"], e["offset"]) for e in events] == list(zip(["init", "tool_use", "result"], starts))
     # The node's journal is gone once the head has the job's end: the replay is the head's copy.
     wait_for(lambda: not (node.state_dir / "jobs" / job_id).exists(), 10, what="the node's journal removed")
     again = await Wire.open(head.url)
     await again.answer(await again.request("attach", {"job_id": job_id}))
     await again.completed(job_id)
     assert [m["params"] for m in again.of_job(job_id) if m.get("method") == "claude.event"] == events
+    wait_for(lambda: head.role_pids("broker") and head.role_pids("broker") != [broker], 20, what="a new broker")
     await wire.close()
     await again.close()
