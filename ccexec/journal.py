@@ -131,11 +131,13 @@ class ClaudeRecords:
         *records, self.partial = (self.partial + data).split(b"\n")
         due = []
         for record in records:
-            end, message = record.split(b" ", 1)
+            end, _, message = record.partition(b" ")
+            if not (end.isdigit() and message):  # damaged on disk: not a record, and not one to count
+                continue
             if self.skip:
                 self.skip -= 1
             elif int(end) > self.after:
-                due.append((int(end), message.decode()))
+                due.append((int(end), message.decode(errors="replace")))
         return due
 
 

@@ -167,3 +167,5 @@ def test_claude_records_come_whole_however_they_are_cut_and_skip_lines_the_clien
         reader = ClaudeRecords(skip=1)
         assert reader.feed(data[:cut]) + reader.feed(data[cut:]) == [(300, second)]
     assert ClaudeRecords(skip=2).feed(data) == [] and ClaudeRecords(skip=0).feed(data) == [(120, first), (300, second)]
+    # A line damaged on disk is passed over; the records around it still come.
+    assert ClaudeRecords().feed(b"12x garbage\n\n40\n" + data) == [(120, first), (300, second)]
