@@ -644,6 +644,10 @@ class Broker:
         job = self.jobs.get(job_id) or self.claim(job_id, peer)
         if job is not None and peer.remote and not self.speaks_for(peer, job):
             job = None  # acknowledged, so the node stops telling, and otherwise ignored
+        elif job is not None and peer.remote and (flaw := bus.completed_flaw(header)):
+            logs.event(log, "executor.bad_report", logging.WARNING, executor=peer.identity.decode(errors="replace"),
+                       job_id=job_id, error=flaw)
+            header = self.lost_end(job, f"its node's report of its end was malformed: {flaw}")
         elif job is not None and peer.remote and not self.replica_complete(peer, job, header):
             return  # no ack: the node sends COMPLETED again after the missing output
         self.sends_after_commit.append(
@@ -866,20 +870,22 @@ class Broker:
         loses the head)."""
         local = {job.job_id for job in jobs if not job.remote}
         for job in jobs:
-            if job.replica is not None:
-                job.replica.close()
             if job.pgid and job.job_id in local:
                 try:
                     os.killpg(job.pgid, signal.SIGKILL)
                 except OSError:
                     pass
-            self.finish(job, {
-                "job_id": job.job_id, "pid": job.pid, "pgid": job.pgid, "exit_code": -signal.SIGKILL,
-                "reason": "lost", "error": why,
-                "execution_time": time.time() - (job.started_at or job.created_at),
-                **journal.recorded_sizes(self.settings.jobs_dir, job.job_id)})
+            self.finish(job, self.lost_end(job, why))
         if local:
             self.reaper.submit(leftovers.kill_job_processes, local)
+
+    def lost_end(self, job: Job, why: str) -> dict:
+        """The end of a job its executor cannot tell: what its journal holds."""
+        if job.replica is not None:
+            job.replica.close()
+        return {"job_id": job.job_id, "pid": job.pid, "pgid": job.pgid, "exit_code": -signal.SIGKILL,
+                "reason": "lost", "error": why, "execution_time": time.time() - (job.started_at or job.created_at),
+                **journal.recorded_sizes(self.settings.jobs_dir, job.job_id)}
 
     def lose_handler(self, identity: bytes, why: str) -> None:
         peer = self.handlers.pop(identity, None)

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import zmq
 
+from ccexec.journal import JOURNALS
 from ccexec.protocol import encode_bytes
 
 # --- handler -> broker
@@ -113,6 +114,27 @@ def dealer(ctx: zmq.Context, role: str, endpoint: str, send_hwm: int = HIGH_WATE
     tune(sock, send_hwm, receive_hwm)
     sock.connect(endpoint)
     return sock
+
+
+# The fields of a COMPLETED, as the head records and relays one from another host.
+_NULL = type(None)
+COMPLETED_FIELDS = (
+    ("exit_code", (int,), "an integer"), ("reason", (str,), "a string"),
+    ("execution_time", (int, float), "a number"), ("error", (str, _NULL), "a string or null"),
+    ("pid", (int, _NULL), "an integer or null"), ("pgid", (int, _NULL), "an integer or null"),
+    *((f"{name}_bytes", (int, _NULL), "an integer or null") for name in JOURNALS),
+    ("claude", (dict, _NULL), "an object or null"),
+)
+
+
+def completed_flaw(header: dict[str, Any]) -> str | None:
+    """What makes a COMPLETED from another host unfit to record (a node of
+    another version, say), or None."""
+    for name, kinds, what in COMPLETED_FIELDS:
+        value = header.get(name)
+        if isinstance(value, bool) or not isinstance(value, kinds):  # a bool is an int to Python
+            return f"{name!r} is not {what}"
+    return None
 
 
 def header_field(header: dict[str, Any], name: str, kind: type) -> Any:

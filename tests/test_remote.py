@@ -298,6 +298,48 @@ async def test_a_node_cannot_speak_for_jobs_it_was_not_given(cluster):
         ctx.term()
 
 
+@async_test(60)
+async def test_a_malformed_end_from_a_node_ends_the_job_lost_and_says_why(cluster):
+    """A node (here a raw ZeroMQ peer with an allowed key, as a node of
+    another version might be) that reports a job's end with an exit_code
+    that is no number: the job ends `lost`, and its client is told why."""
+    head, _, keys, endpoint = cluster
+    ctx = zmq.Context()
+    odd = remote.connect_to_head(ctx, Settings(curve_secret_key=str(keys["far"][1]),
+                                               curve_server_key=str(keys["head"][0]), broker=endpoint),
+                                 b"executor-odd-1")
+    try:
+        odd.send_multipart(bus.pack(bus.READY, {"role": "executor", "pid": 1, "capacity": 1, "jobs": [],
+                                                "completed": [], "node": "odd", "labels": {"site": "odd"}}))
+        async with Client(head.url) as client:
+            job = await client.execute("echo hi", labels={"site": "odd"})
+            dispatched = await asyncio.to_thread(_receive_kind, odd, bus.DISPATCH, 10)
+            assert dispatched["job_id"] == job.job_id
+            odd.send_multipart(bus.pack(bus.STARTED, {"job_id": job.job_id, "pid": 7, "pgid": 7,
+                                                      "started_at": time.time()}))
+            odd.send_multipart(bus.pack(bus.COMPLETED, {"job_id": job.job_id, "pid": 7, "pgid": 7,
+                                                        "exit_code": "zero", "reason": "exit", "error": None,
+                                                        "execution_time": 0.1, "stdout_bytes": 0}))
+            assert await asyncio.to_thread(_receive_kind, odd, bus.COMPLETED_ACK, 10) == {"job_id": job.job_id}
+            result = await job.wait(30)
+            assert (result.reason, result.exit_code) == ("lost", -9)
+            assert result.completed["error"] == ("its node's report of its end was malformed: "
+                                                 "'exit_code' is not an integer")
+            assert (await client.job_status(job.job_id))["state"] == "finished"
+    finally:
+        odd.close(linger=0)
+        ctx.term()
+
+
+def test_a_report_of_a_jobs_end_is_checked_field_by_field():
+    good = {"job_id": "f" * 32, "pid": 7, "pgid": 7, "exit_code": 0, "reason": "exit", "error": None,
+            "execution_time": 1, "stdout_bytes": 3, "stderr_bytes": 0, "claude_bytes": 0}
+    assert bus.completed_flaw(good) is None and bus.completed_flaw({**good, "claude": {"is_error": False}}) is None
+    assert bus.completed_flaw({**good, "exit_code": True}) == "'exit_code' is not an integer"
+    assert bus.completed_flaw({**good, "stdout_bytes": "3"}) == "'stdout_bytes' is not an integer or null"
+    assert bus.completed_flaw({k: v for k, v in good.items() if k != "reason"}) == "'reason' is not a string"
+
+
 def _receive_kind(sock: zmq.Socket, kind: bytes, timeout: float) -> dict | None:
     """The header of the first message of this kind within timeout (others skipped)."""
     deadline = time.monotonic() + timeout
