@@ -238,8 +238,14 @@ async def test_kill_9_of_the_head_broker_loses_no_output_of_a_node_job(cluster):
         result = await job.wait(60)
         assert result.exit_code == 0 and result.stdout == expected
         assert (await (await client.attach(job.job_id)).wait(30)).stdout == expected
-        wait_for(lambda: head.role_pids("broker") and head.role_pids("broker") != [broker], 20,
-                 what="a new broker")
+    _recovered(head, broker)
+
+
+def _recovered(head: Daemon, broker: int) -> None:
+    """After a kill -9 of the head's broker: a new one that has settled and
+    has the node back, as the module's other tests expect to find it."""
+    wait_for(lambda: head.role_pids("broker") not in ([], [broker]) and head.ready()
+             and node_executors(head, "far-node"), 20, what="the head back with a new broker and the node")
 
 
 @async_test(90)
@@ -258,6 +264,7 @@ async def test_a_node_job_that_ends_while_the_head_broker_is_down_is_recorded_an
         result = await job.wait(60)
         assert (result.exit_code, result.reason, result.stdout) == (0, "exit", "waiting\ndone\n")
         assert (await client.job_status(job.job_id))["state"] == "finished"
+    _recovered(head, broker)
 
 
 async def _outputs(job):
@@ -311,16 +318,23 @@ async def test_a_malformed_end_from_a_node_ends_the_job_lost_and_says_why(cluste
     try:
         odd.send_multipart(bus.pack(bus.READY, {"role": "executor", "pid": 1, "capacity": 1, "jobs": [],
                                                 "completed": [], "node": "odd", "labels": {"site": "odd"}}))
-        async with Client(head.url) as client:
-            job = await client.execute("echo hi", labels={"site": "odd"})
-            dispatched = await asyncio.to_thread(_receive_kind, odd, bus.DISPATCH, 10)
-            assert dispatched["job_id"] == job.job_id
-            odd.send_multipart(bus.pack(bus.STARTED, {"job_id": job.job_id, "pid": 7, "pgid": 7,
+        def run_the_job_oddly() -> tuple[dict | None, dict | None]:
+            """As a node: take the job, start it, end it; within the broker's heartbeat liveness (3 s)."""
+            dispatched = _receive_kind(odd, bus.DISPATCH, 10)
+            job_id = dispatched["job_id"] if dispatched else ""
+            odd.send_multipart(bus.pack(bus.STARTED, {"job_id": job_id, "pid": 7, "pgid": 7,
                                                       "started_at": time.time()}))
-            odd.send_multipart(bus.pack(bus.COMPLETED, {"job_id": job.job_id, "pid": 7, "pgid": 7,
+            odd.send_multipart(bus.pack(bus.COMPLETED, {"job_id": job_id, "pid": 7, "pgid": 7,
                                                         "exit_code": "zero", "reason": "exit", "error": None,
                                                         "execution_time": 0.1, "stdout_bytes": 0}))
-            assert await asyncio.to_thread(_receive_kind, odd, bus.COMPLETED_ACK, 10) == {"job_id": job.job_id}
+            return dispatched, _receive_kind(odd, bus.COMPLETED_ACK, 10)
+
+        async with Client(head.url) as client:
+            # The execute is answered once the job has started: the node must be at work meanwhile.
+            node_at_work = asyncio.ensure_future(asyncio.to_thread(run_the_job_oddly))
+            job = await client.execute("echo hi", labels={"site": "odd"})
+            dispatched, acked = await node_at_work
+            assert dispatched["job_id"] == job.job_id and acked == {"job_id": job.job_id}
             result = await job.wait(30)
             assert (result.reason, result.exit_code) == ("lost", -9)
             assert result.completed["error"] == ("its node's report of its end was malformed: "
@@ -426,6 +440,6 @@ async def test_a_claude_job_on_the_node_loses_no_notification_to_a_head_broker_k
     await again.answer(await again.request("attach", {"job_id": job_id}))
     await again.completed(job_id)
     assert [m["params"] for m in again.of_job(job_id) if m.get("method") == "claude.event"] == events
-    wait_for(lambda: head.role_pids("broker") and head.role_pids("broker") != [broker], 20, what="a new broker")
+    _recovered(head, broker)
     await wire.close()
     await again.close()
