@@ -318,6 +318,7 @@ async def test_a_malformed_end_from_a_node_ends_the_job_lost_and_says_why(cluste
     try:
         odd.send_multipart(bus.pack(bus.READY, {"role": "executor", "pid": 1, "capacity": 1, "jobs": [],
                                                 "completed": [], "node": "odd", "labels": {"site": "odd"}}))
+
         def run_the_job_oddly() -> tuple[dict | None, dict | None]:
             """As a node: take the job, start it, end it; within the broker's heartbeat liveness (3 s)."""
             dispatched = _receive_kind(odd, bus.DISPATCH, 10)
