@@ -5,6 +5,7 @@ The network-namespace test of the link itself is in test_netns.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -279,11 +280,7 @@ async def test_a_node_cannot_speak_for_jobs_it_was_not_given(cluster):
     node (here a raw ZeroMQ peer with an allowed key) claiming a running job
     is told to cancel its copy, and its output and end for it are ignored."""
     head, _, keys, endpoint = cluster
-    ctx = zmq.Context()
-    intruder = remote.connect_to_head(ctx, Settings(curve_secret_key=str(keys["far"][1]),
-                                                    curve_server_key=str(keys["head"][0]), broker=endpoint),
-                                      b"executor-intruder-1")
-    try:
+    with _raw_node(keys, endpoint, b"executor-intruder-1") as intruder:
         async with Client(head.url) as client:
             job = await client.execute("echo first; sleep 2; echo second")  # on the head's own executor
             assert await anext(_outputs(job)) == "first\n"
@@ -300,9 +297,6 @@ async def test_a_node_cannot_speak_for_jobs_it_was_not_given(cluster):
             assert result.stdout == "first\nsecond\n" and result.exit_code == 0
         wait_for(lambda: "executor.foreign_job" in head.log_path.read_text(errors="replace"), 10,
                  what="the head logs the foreign claims")
-    finally:
-        intruder.close(linger=0)
-        ctx.term()
 
 
 @async_test(60)
@@ -311,11 +305,7 @@ async def test_a_malformed_end_from_a_node_ends_the_job_lost_and_says_why(cluste
     another version might be) that reports a job's end with an exit_code
     that is no number: the job ends `lost`, and its client is told why."""
     head, _, keys, endpoint = cluster
-    ctx = zmq.Context()
-    odd = remote.connect_to_head(ctx, Settings(curve_secret_key=str(keys["far"][1]),
-                                               curve_server_key=str(keys["head"][0]), broker=endpoint),
-                                 b"executor-odd-1")
-    try:
+    with _raw_node(keys, endpoint, b"executor-odd-1") as odd:
         odd.send_multipart(bus.pack(bus.READY, {"role": "executor", "pid": 1, "capacity": 1, "jobs": [],
                                                 "completed": [], "node": "odd", "labels": {"site": "odd"}}))
 
@@ -341,9 +331,6 @@ async def test_a_malformed_end_from_a_node_ends_the_job_lost_and_says_why(cluste
             assert result.completed["error"] == ("its node's report of its end was malformed: "
                                                  "'exit_code' is not an integer")
             assert (await client.job_status(job.job_id))["state"] == "finished"
-    finally:
-        odd.close(linger=0)
-        ctx.term()
 
 
 def test_a_report_of_a_jobs_end_is_checked_field_by_field():
@@ -353,6 +340,20 @@ def test_a_report_of_a_jobs_end_is_checked_field_by_field():
     assert bus.completed_flaw({**good, "exit_code": True}) == "'exit_code' is not an integer"
     assert bus.completed_flaw({**good, "stdout_bytes": "3"}) == "'stdout_bytes' is not an integer or null"
     assert bus.completed_flaw({k: v for k, v in good.items() if k != "reason"}) == "'reason' is not a string"
+
+
+@contextlib.contextmanager
+def _raw_node(keys: dict, endpoint: str, identity: bytes):
+    """A raw ZeroMQ peer on the head's remote face, with the node's key: it
+    sends no heartbeats, so the broker gives it up 3 s after its last word."""
+    ctx = zmq.Context()
+    sock = remote.connect_to_head(ctx, Settings(curve_secret_key=str(keys["far"][1]),
+                                                curve_server_key=str(keys["head"][0]), broker=endpoint), identity)
+    try:
+        yield sock
+    finally:
+        sock.close(linger=0)
+        ctx.term()
 
 
 def _receive_kind(sock: zmq.Socket, kind: bytes, timeout: float) -> dict | None:
