@@ -35,7 +35,6 @@ from websockets.http11 import Request as HttpRequest, Response as HttpResponse
 
 from ccexec import __version__, bus, config, journal, logs, metrics, policy, protocol
 from ccexec.liveness import WatchdogPulse
-from ccexec.journal import JOURNALS
 from ccexec.protocol import STREAMS, ProtocolError
 
 log = logging.getLogger("ccexec.handler")
@@ -116,7 +115,7 @@ class JobStream:
         self.done = asyncio.Event()  # its pump has sent all it will
         self.pid = self.pgid = None
         self.notices: deque[str] = deque()
-        self.streams = {s: StreamState(o) for s, o in zip(JOURNALS, (*offsets, 0))}
+        self.streams = {s: StreamState(o) for s, o in zip(journal.JOURNALS, (*offsets, 0))}
         self.splitters = {s: protocol.OutputSplitter(mode, o) for s, o in zip(STREAMS, offsets)}
         self.final: dict | None = None
         # Claude notifications, from the start of the job's `claude` journal:
