@@ -446,11 +446,16 @@ async def test_parallel_jobs_on_one_connection_run_together(daemon):
 
 
 @async_test(60)
-async def test_global_fifo_queue_positions_and_busy_error(make_daemon):
+async def test_global_fifo_queue_positions_and_busy_error(make_daemon, tmp_path):
     d = make_daemon(executors=1, settings={"slots_per_executor": 1, "max_queue": 2})
     wire = await Wire.open(d.url)
     running = await wire.execute(command="sleep 30", parallel=True)
-    waiting = [await wire.execute(command=f"echo {i}", parallel=True) for i in (1, 2)]
+    # The first waiting job holds its slot until the test lets it go: positions
+    # are told once per broker turn, and two instant jobs could both leave the
+    # queue within one turn, so that "position 1" is never told.
+    go = tmp_path / "go"
+    waiting = [await wire.execute(command=f"while [ ! -e {go} ]; do sleep 0.02; done; echo 1", parallel=True),
+               await wire.execute(command="echo 2", parallel=True)]
     assert [w["status"] for w in waiting] == ["queued", "queued"]
     await wire.until(lambda m: m.get("method") == "process.queued" and m["params"]["job_id"] == waiting[1]["job_id"], 10)
     positions = {m["params"]["job_id"]: m["params"]["position"] for m in wire.messages
@@ -459,7 +464,11 @@ async def test_global_fifo_queue_positions_and_busy_error(make_daemon):
     refused = await wire.answer(await wire.request("execute", {"command": "echo 3", "parallel": True}))
     assert refused["error"]["code"] == -32005 and refused["error"]["data"]["retry_after"] >= 1
     await wire.answer(await wire.request("control", {"type": "CANCEL", "job_id": running["job_id"]}))
-    for w in waiting:  # FIFO: 1 then 2, and the second moved up to position 1 meanwhile
+    # FIFO: the first waiting job starts, and the second moves up to position 1.
+    await wire.until(lambda m: m.get("method") == "process.queued" and m["params"]["job_id"] == waiting[1]["job_id"]
+                     and m["params"]["position"] == 1, 10)
+    go.touch()
+    for w in waiting:
         await wire.completed(w["job_id"])
     moved = [m["params"]["position"] for m in wire.messages
              if m.get("method") == "process.queued" and m["params"]["job_id"] == waiting[1]["job_id"]]
