@@ -322,6 +322,9 @@ def job_timeout(requested: float | None, max_job_seconds: float) -> tuple[float 
     return requested, False
 
 
+ROUNDING = 1e-6  # of a token: more than float time loses even after years of uptime
+
+
 class TokenBucket:
     """Requests per second with a burst: `take(now)` is 0 when a request may
     go ahead, else the seconds until it could. Time is passed in (monotonic)."""
@@ -336,7 +339,10 @@ class TokenBucket:
         if now > self.stamp:
             self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
             self.stamp = now
-        if self.tokens >= 1:
+        # Within rounding of a whole token: elapsed times are differences of
+        # large floats, so a request made exactly when it was told to retry
+        # may find 0.9999999999 tokens.
+        if self.tokens >= 1 - ROUNDING:
             self.tokens -= 1
             return 0.0
         return max(0.001, math.ceil((1 - self.tokens) / self.rate * 1000) / 1000)
