@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
+import psutil
 import zmq
 
 from ccexec import bus, config, journal, leftovers, logs, protocol, remote, store
@@ -41,6 +42,10 @@ PRUNE_INTERVAL = 60.0  # seconds between retention passes
 STOP_MARGIN = 3.0  # seconds past kill_grace a stopping broker waits for executors' last reports
 REGISTER_ASK_INTERVAL = 1.0  # seconds
 EXIT_GRACE = 0.5  # seconds what an executor or handler Circus reaped sent last has to be read in
+# Seconds past PEER_TIMEOUT a silent peer whose process is dead is waited for:
+# Circus reaps once per check_delay (later on a loaded machine), and its reap
+# tells the exit code.
+REAP_WAIT = 2 * PEER_TIMEOUT
 MAX_RESENDS = 5  # times a remote job's missing output is asked for again before its record is closed
 
 
@@ -59,10 +64,22 @@ class Peer:
     labels: dict[str, str] = field(default_factory=dict)
     stopping: bool = False  # an executor that takes no more jobs: it ends the ones it runs and exits
     exit_code: int | None = None  # a local executor's or handler's, once Circus has reaped it
+    awaiting_reap: bool = False  # silent, and its process is dead: Circus is to tell the exit code
 
     @property
     def free(self) -> int:
         return self.capacity - len(self.jobs)
+
+    def died_unreaped(self) -> bool:
+        """This host's process of the peer is dead, and maybe not yet reaped."""
+        if self.remote or self.pid is None:
+            return False
+        try:
+            return psutil.Process(self.pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:  # reaped: its event is on its way
+            return True
+        except psutil.Error:
+            return False
 
     def can_run(self, spec: dict) -> bool:
         """Has a free slot and every label the job asks for."""
@@ -831,16 +848,31 @@ class Broker:
             return
         self.next_heartbeat = now + bus.HEARTBEAT_INTERVAL
         for identity, peer in list(self.executors.items()):
-            if now - peer.last_seen > PEER_TIMEOUT:
+            if self.silent_too_long(peer, "executor", now):
                 self.lose_executor(identity, "heartbeat timeout")
             else:
                 self.to_executor(identity, bus.HEARTBEAT, {})
         stats = self.heartbeat_header()
         for identity, peer in list(self.handlers.items()):
-            if now - peer.last_seen > PEER_TIMEOUT:
+            if self.silent_too_long(peer, "handler", now):
                 self.lose_handler(identity, "heartbeat timeout")
             else:
                 self.to_handler(identity, bus.HEARTBEAT, self.with_addresses_elsewhere(stats, identity))
+
+    @staticmethod
+    def silent_too_long(peer: Peer, role: str, now: float) -> bool:
+        """Silent past PEER_TIMEOUT: frozen, cut off, or dead. A dead process
+        of this host is given REAP_WAIT more for Circus to report its exit
+        code, so that its jobs end saying how it died."""
+        silent = now - peer.last_seen
+        if silent <= PEER_TIMEOUT:
+            return False
+        if silent > PEER_TIMEOUT + REAP_WAIT or not peer.died_unreaped():
+            return True
+        if not peer.awaiting_reap:
+            peer.awaiting_reap = True
+            logs.event(log, f"{role}.awaiting_reap", **{role: peer.identity.decode()}, pid=peer.pid)
+        return False
 
     def pool_changed(self) -> None:
         """Executors came or went: every handler hears it on this loop turn,

@@ -341,6 +341,25 @@ async def test_dead_or_frozen_executor_jobs_end_lost_and_leave_no_orphans(make_d
     print(f"executor {sig.name}: job ended lost {ended_after:.2f} s after it")
 
 
+@async_test(60)
+async def test_an_executor_dead_before_circus_reaps_it_is_told_by_its_exit_code(make_daemon):
+    """Circus reaps once per check_delay, and on a loaded machine that can
+    come after the heartbeat timeout. An executor that fell silent because
+    it died is waited for (bounded), so its jobs end saying how it died."""
+    d = make_daemon()
+    async with Client(d.url) as client:
+        job = await client.execute("echo started; sleep 100")
+        await _first_output(job)
+        executor = psutil.Process(job.pid).ppid()
+        with _struck(d.proc.pid, signal.SIGSTOP):  # the arbiter: it reaps nothing meanwhile
+            os.kill(executor, signal.SIGKILL)
+            await asyncio.to_thread(wait_for, lambda: "executor.awaiting_reap" in d.log_path.read_text(), 15, 0.05,
+                                    "the broker waiting for the executor's reap")
+        result = await job.wait(30)
+    assert result.reason == "lost"
+    assert result.completed["error"] == "the executor running this job died (exit code -9)"
+
+
 @STRIKES
 @async_test(90)
 async def test_control_of_a_job_whose_executor_died_or_froze_is_answered_with_why(make_daemon, sig):
