@@ -585,7 +585,7 @@ def test_run_ctrl_c_while_the_daemon_is_unreachable_stops_waiting(tmp_path):
         wait_for(marker.exists, 20, what="the job to start")
         for p in [psutil.Process(d.proc.pid), *d.processes()]:
             p.kill()  # only this test's daemon and its job
-        psutil.wait_procs([psutil.Process(d.proc.pid)], timeout=10)
+        d.proc.wait(10)  # by its Popen: reaped elsewhere, its PID could name a later child to it
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
         # Not exit 3 once the whole retry policy ran out: the interruption is heard.

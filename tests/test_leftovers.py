@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 
@@ -40,22 +41,28 @@ def test_with_no_job_running_every_child_is_a_leftover():
     assert leftovers_of_ended_jobs(found, leaders=set(), running={}) == ([22], [20, 21])
 
 
-def test_children_reads_job_id_start_and_exit_of_this_process_s_children():
+def test_children_reads_job_id_start_and_exit_of_a_process_s_children():
+    # Their parent is a process of their own that never reaps them (a sleep
+    # the shell became), not the test's: a pytest worker may reap a child
+    # whose PID an old subprocess object of another test names.
     before = time.clock_gettime(time.CLOCK_BOOTTIME)
-    marked = subprocess.Popen(["sleep", "30"], env={**os.environ, JOB_ENV: RUNNING})
-    plain = subprocess.Popen(["sleep", "30"], env={k: v for k, v in os.environ.items() if k != JOB_ENV})
+    parent = subprocess.Popen(["sh", "-c", f"{JOB_ENV}={RUNNING} sleep 30 & sleep 30 & exec sleep 31"],
+                              env={k: v for k, v in os.environ.items() if k != JOB_ENV}, start_new_session=True)
     try:
-        found = {c.pid: c for c in children(os.getpid())}
-        assert found[marked.pid].job_id == RUNNING and found[plain.pid].job_id is None
-        assert not found[marked.pid].zombie
-        assert before - CLOCK_TICK <= found[marked.pid].started <= time.clock_gettime(time.CLOCK_BOOTTIME)
-        marked.kill()
-        wait_for(lambda: {c.pid: c for c in children(os.getpid())}[marked.pid].zombie, 10,
+        def both_sleeping():
+            found = {c.job_id: c for c in children(parent.pid)}
+            named = [psutil.Process(c.pid).name() for c in found.values()]
+            return found if set(found) == {RUNNING, None} and named == ["sleep", "sleep"] else None
+        found = wait_for(both_sleeping, 10, what="the two sleeps started")
+        marked = found[RUNNING]
+        assert not marked.zombie and not found[None].zombie
+        assert before - CLOCK_TICK <= marked.started <= time.clock_gettime(time.CLOCK_BOOTTIME)
+        os.kill(marked.pid, signal.SIGKILL)
+        wait_for(lambda: {c.pid: c for c in children(parent.pid)}[marked.pid].zombie, 10,
                  what="the killed child to show as exited")
     finally:
-        for proc in (marked, plain):
-            proc.kill()
-            proc.wait(10)
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait(10)
 
 
 def test_kill_child_ends_only_a_child_of_the_parent_with_the_group_it_leads():
