@@ -63,11 +63,16 @@ class Wire:
         assert "result" in answer, answer
         return answer["result"]
 
+    async def first(self, predicate: Callable[[dict], bool], timeout: float) -> dict:
+        """The first message that matches, received already (while waiting
+        for something else) or to come."""
+        for message in self.messages:
+            if predicate(message):
+                return message
+        return await self.until(predicate, timeout)
+
     async def completed(self, job_id: str, timeout: float = 30) -> dict:
-        for message in self.messages:  # it may have come in while waiting for something else
-            if message.get("method") == "process.completed" and message["params"]["job_id"] == job_id:
-                return message["params"]
-        message = await self.until(lambda m: m.get("method") == "process.completed"
+        message = await self.first(lambda m: m.get("method") == "process.completed"
                                    and m["params"]["job_id"] == job_id, timeout)
         return message["params"]
 
