@@ -457,10 +457,9 @@ async def test_global_fifo_queue_positions_and_busy_error(make_daemon, tmp_path)
     waiting = [await wire.execute(command=f"while [ ! -e {go} ]; do sleep 0.02; done; echo 1", parallel=True),
                await wire.execute(command="echo 2", parallel=True)]
     assert [w["status"] for w in waiting] == ["queued", "queued"]
-    await wire.until(lambda m: m.get("method") == "process.queued" and m["params"]["job_id"] == waiting[1]["job_id"], 10)
-    positions = {m["params"]["job_id"]: m["params"]["position"] for m in wire.messages
-                 if m.get("method") == "process.queued"}
-    assert [positions[w["job_id"]] for w in waiting] == [1, 2]
+    told = [await wire.first(lambda m: m.get("method") == "process.queued" and m["params"]["job_id"] == w["job_id"], 10)
+            for w in waiting]
+    assert [m["params"]["position"] for m in told] == [1, 2]
     refused = await wire.answer(await wire.request("execute", {"command": "echo 3", "parallel": True}))
     assert refused["error"]["code"] == -32005 and refused["error"]["data"]["retry_after"] >= 1
     await wire.answer(await wire.request("control", {"type": "CANCEL", "job_id": running["job_id"]}))
