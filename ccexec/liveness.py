@@ -12,7 +12,7 @@ import os
 import socket
 import time
 
-PULSE_INTERVAL = 0.5  # matches loop_rate of [plugin:watchdog]
+PULSE_INTERVAL = 0.5  # matches loop_rate of [plugin:supervision]
 
 
 class WatchdogPulse:

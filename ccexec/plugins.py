@@ -1,5 +1,12 @@
-"""Circus's watchdog and flapping plugins, each with one bug mended.
+"""Circus's watchdog and flapping plugins, run as one plugin process.
 
+Circus runs each plugin in a process of its own, an interpreter with Circus
+imported (about 29 MiB of RSS). `Supervision` is the watchdog, with the
+flapping plugin beside it on the same loop: one process for both. Each part
+keeps its own connections to the arbiter and its own subscription to its
+events; their options do not overlap, so both read the one section.
+
+Each part has one bug of Circus's mended:
 - WatchDog.look_after() deletes from `pid_status` while iterating over it,
   so the first kill of a pass raised RuntimeError: it iterates a snapshot.
 - Flapping sends its "stop" as a fire-and-forget cast, which the arbiter
@@ -38,3 +45,24 @@ class Flapping(CircusFlapping):
             if self.call(command, **props).get("status") == "ok":
                 return
             time.sleep(COMMAND_RETRY_DELAY)
+
+
+class Supervision(WatchDog):
+    name = "supervision"
+
+    def __init__(self, *args, **config):
+        super().__init__(*args, **config)
+        self.flapping = Flapping(*args, **config)
+        self.flapping.loop.close()
+        self.flapping.loop = self.loop
+
+    def initialize(self):
+        super().initialize()
+        self.flapping.initialize()
+
+    def handle_stop(self):
+        self.flapping.handle_stop()
+        super().handle_stop()
+        for socket in (self.flapping.substream, self.flapping.client, self.flapping.sub_socket):
+            socket.close()
+        self.flapping.context.destroy()

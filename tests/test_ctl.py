@@ -152,7 +152,7 @@ def test_reload_changes_pool_sizes_live(make_daemon):
 def test_status_shows_a_frozen_process_as_frozen(make_daemon):
     """A process stopped by SIGSTOP (or a debugger) is alive to Circus,
     and serves nobody: status says which."""
-    d = make_daemon(sections={"plugin:watchdog": {"watchers_regex": "^(broker|handler)$"}})  # not killed meanwhile
+    d = make_daemon(sections={"plugin:supervision": {"watchers_regex": "^(broker|handler)$"}})  # not killed meanwhile
     frozen, running = d.role_pids("executor")
     os.kill(frozen, signal.SIGSTOP)
     try:
@@ -217,7 +217,7 @@ def test_restart_of_a_hung_broker_waits_for_it_and_says_so(make_daemon):
     it. Circus gives it graceful_timeout (here 6 s) before SIGKILL, longer
     than a Circus command was waited for."""
     d = make_daemon(sections={"watcher:broker": {"graceful_timeout": "6"},
-                              "plugin:watchdog": {"watchers_regex": "^(handler|executor)$"}})
+                              "plugin:supervision": {"watchers_regex": "^(handler|executor)$"}})
     [broker] = d.role_pids("broker")
     os.kill(broker, signal.SIGSTOP)  # hung: it handles no signal but SIGKILL
     try:

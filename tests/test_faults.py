@@ -156,7 +156,7 @@ async def test_job_that_starts_while_the_broker_restarts_is_recorded_and_told_as
     """A job dispatched by a broker that dies before its STARTED: the next
     broker hears of the job only from its executor's READY. It records the
     start, and the client is told, as it would have been."""
-    d = make_daemon(sections={"plugin:watchdog": {"watchers_regex": "^(broker|handler)$"}})  # executors frozen at will
+    d = make_daemon(sections={"plugin:supervision": {"watchers_regex": "^(broker|handler)$"}})  # executors frozen at will
     executors, [broker] = d.role_pids("executor"), d.role_pids("broker")
     go = tmp_path / "go"
     async with Client(d.url) as client, Client(d.url) as observer:
@@ -205,7 +205,7 @@ async def test_cancel_of_a_job_whose_executor_has_not_re_registered_waits_for_it
     """Right after a broker restart a running job is known only from the
     job table until its executor re-registers: a CANCEL meanwhile is carried
     out once it has, not refused while the job runs on."""
-    d = make_daemon(sections={"plugin:watchdog": {"watchers_regex": "^(broker|handler)$"}})  # executors frozen at will
+    d = make_daemon(sections={"plugin:supervision": {"watchers_regex": "^(broker|handler)$"}})  # executors frozen at will
     executors, [old_broker] = d.role_pids("executor"), d.role_pids("broker")
     async with Client(d.url) as client:
         job = await client.execute("echo begun; sleep 30")
