@@ -27,10 +27,9 @@ from typing import Callable
 import psutil
 import zmq
 
-from ccexec import bus, config, journal, leftovers, logs, protocol, remote, store
+from ccexec import bus, config, journal, leftovers, logs, metrics, protocol, remote, store
 from ccexec.journal import JournalReplica
 from ccexec.liveness import WatchdogPulse
-from ccexec.metrics import PoolMetrics
 
 log = logging.getLogger("ccexec.broker")
 
@@ -144,7 +143,7 @@ class Broker:
         self.timers: list[tuple[float, str, str]] = []  # (deadline, kind, job_id or a peer's identity)
         if not self.settled:  # by then handlers have re-registered, and said which jobs their clients follow
             self.timers.append((self.settle_deadline, "unfollowed", ""))
-        self.metrics = PoolMetrics()
+        self.metrics = metrics.PoolMetrics()
         self.reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reaper")  # kill_job_processes
         # Circus's event stream: every process exit, for the restart counters.
         self.circus_events = ctx.socket(zmq.SUB)
@@ -1005,7 +1004,8 @@ class Broker:
     def heartbeat_header(self) -> dict:
         """What handlers learn with each heartbeat: the pool's state and metrics."""
         stats = self.stats()
-        stats["metrics"] = self.metrics.render(stats)
+        # with its content type: handlers serve it as is, without prometheus_client (1.4 MiB each)
+        stats["metrics"], stats["metrics_type"] = self.metrics.render(stats), metrics.CONTENT_TYPE
         return stats
 
     def stats(self) -> dict:

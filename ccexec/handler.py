@@ -33,7 +33,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request as HttpRequest, Response as HttpResponse
 
-from ccexec import __version__, bus, config, journal, logs, metrics, policy, protocol
+from ccexec import __version__, bus, config, journal, logs, policy, protocol
 from ccexec.liveness import WatchdogPulse
 from ccexec.protocol import STREAMS, ProtocolError
 
@@ -799,7 +799,7 @@ class Handler:
             if "metrics" not in self.stats:
                 return json_response(http.HTTPStatus.SERVICE_UNAVAILABLE, {"error": "broker unreachable"})
             body = self.stats["metrics"].encode()
-            return HttpResponse(200, "OK", Headers([("Content-Type", metrics.CONTENT_TYPE),
+            return HttpResponse(200, "OK", Headers([("Content-Type", self.stats["metrics_type"]),
                                                     ("Content-Length", str(len(body)))]), body)
         return json_response(http.HTTPStatus.NOT_FOUND, {"error": "not found", "path": path,
                                                          "websocket_paths": list(WS_PATHS)})
