@@ -41,9 +41,9 @@ PRUNE_INTERVAL = 60.0  # seconds between retention passes
 STOP_MARGIN = 3.0  # seconds past kill_grace a stopping broker waits for executors' last reports
 REGISTER_ASK_INTERVAL = 1.0  # seconds
 EXIT_GRACE = 0.5  # seconds what an executor or handler Circus reaped sent last has to be read in
-# Seconds past PEER_TIMEOUT a silent peer whose process is dead is waited for:
-# Circus reaps once per check_delay (later on a loaded machine), and its reap
-# tells the exit code.
+# Seconds past PEER_TIMEOUT a silent peer whose process is a zombie is waited
+# for: Circus reaps once per check_delay (later on a loaded machine), and its
+# reap tells the exit code.
 REAP_WAIT = 2 * PEER_TIMEOUT
 MAX_RESENDS = 5  # times a remote job's missing output is asked for again before its record is closed
 
@@ -70,13 +70,13 @@ class Peer:
         return self.capacity - len(self.jobs)
 
     def died_unreaped(self) -> bool:
-        """This host's process of the peer is dead, and maybe not yet reaped."""
+        """This host's process of the peer is dead and not yet reaped: a
+        zombie. (One already gone was reaped: either its event has been read,
+        or it was reaped by Circus's kill, the watchdog's, which tells none.)"""
         if self.remote or self.pid is None:
             return False
         try:
             return psutil.Process(self.pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:  # reaped: its event is on its way
-            return True
         except psutil.Error:
             return False
 
@@ -864,7 +864,7 @@ class Broker:
         of this host is given REAP_WAIT more for Circus to report its exit
         code, so that its jobs end saying how it died."""
         silent = now - peer.last_seen
-        if silent <= PEER_TIMEOUT:
+        if silent <= PEER_TIMEOUT or peer.exit_code is not None:  # alive, or reaped and being given up
             return False
         if silent > PEER_TIMEOUT + REAP_WAIT or not peer.died_unreaped():
             return True

@@ -360,6 +360,27 @@ async def test_an_executor_dead_before_circus_reaps_it_is_told_by_its_exit_code(
     assert result.completed["error"] == "the executor running this job died (exit code -9)"
 
 
+@async_test(60)
+async def test_an_executor_the_watchdog_killed_is_not_waited_for(make_daemon):
+    """Circus reaps a process its watchdog kills without a word (its kill
+    polls the process), so no exit code will come: the broker, frozen until
+    then, gives the executor up at once instead of waiting for one."""
+    d = make_daemon(sections={"plugin:supervision": {"watchers_regex": "^executor$"}})  # the broker is not killed
+    [broker_pid] = d.role_pids("broker")
+    async with Client(d.url) as client:
+        job = await client.execute("echo started; sleep 100")
+        await _first_output(job)
+        executor = psutil.Process(job.pid).ppid()
+        with _struck(broker_pid, signal.SIGSTOP), _struck(executor, signal.SIGSTOP):
+            await asyncio.to_thread(wait_for, lambda: not psutil.pid_exists(executor), 15, 0.05,
+                                    "the watchdog's kill of the frozen executor")
+        result = await job.wait(30)
+    assert result.reason == "lost"
+    assert result.completed["error"] in {f"the executor running this job died ({cause})"
+                                         for cause in ("heartbeat timeout", "exit code -9")}
+    assert "executor.awaiting_reap" not in d.log_path.read_text()
+
+
 @STRIKES
 @async_test(90)
 async def test_control_of_a_job_whose_executor_died_or_froze_is_answered_with_why(make_daemon, sig):
