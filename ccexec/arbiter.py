@@ -280,7 +280,10 @@ class OrphanSweep:
     def __init__(self, arbiter):
         self.arbiter = arbiter
         self.watched: set[int] = set()  # the watchers' processes at the last sweep
-        self.killing = False  # the last sweep killed some: their children may come next
+        # Read the process table at the next sweep even if no death is seen: at
+        # the first (a death before it has no last sweep to be seen against),
+        # and after one that killed some (their children come next).
+        self.look = True
 
     def started(self) -> set[int]:
         return {pid for watcher in self.arbiter.watchers for pid in watcher.processes}
@@ -288,13 +291,13 @@ class OrphanSweep:
     async def sweep(self) -> None:
         started = self.started()
         died, self.watched = self.watched - started, started
-        if not died and not self.killing:
+        if not died and not self.look:
             return
         found = await self.arbiter.loop.run_in_executor(None, leftovers.children, os.getpid())
         started = self.started()
         killed = sum(leftovers.kill_child(child.pid, os.getpid()) for child in found
                      if child.pid not in started and not child.zombie)
-        self.killing = killed > 0
+        self.look = killed > 0
         if killed:
             logs.event(log, "daemon.orphans_killed", logging.WARNING, processes=killed)
 
