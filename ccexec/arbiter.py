@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import socket
 import ssl
 import sys
@@ -268,6 +269,21 @@ def stop_once_free(arbiter) -> None:
         arbiter.loop.call_later(STOP_RETRY_DELAY, stop_once_free, arbiter)
 
 
+def check_watchers_now(arbiter) -> None:
+    """SIGCHLD: a child of the arbiter died. Circus looks at its watchers
+    once per check_delay; a death is the reason to look at once, so the
+    broker hears a dead executor's or handler's exit code (and ends its
+    jobs) within milliseconds, and Circus starts its replacement as soon."""
+    from circus.exc import ConflictError
+    from circus.util import check_future_exception_and_log
+
+    try:
+        checked = arbiter.manage_watchers()
+    except ConflictError:  # a command (stop, restart, reload) is under way; the next periodic check reaps
+        return
+    checked.add_done_callback(check_future_exception_and_log)
+
+
 class OrphanSweep:
     """What an executor that died (kill -9, the watchdog) left running, its
     jobs and what they started, becomes the arbiter's child: the arbiter is
@@ -313,6 +329,7 @@ def run_circus(path: str, settings: config.Settings) -> int:
     notify.start()
     arbiter = Arbiter.load_from_config(path)
     arbiter.ctrl.sys_hdl.quit = functools.partial(arbiter.loop.add_callback_from_signal, stop_once_free, arbiter)
+    arbiter.loop.asyncio_loop.add_signal_handler(signal.SIGCHLD, check_watchers_now, arbiter)
     try:
         leftovers.become_subreaper()
         PeriodicCallback(OrphanSweep(arbiter).sweep, leftovers.SWEEP_INTERVAL * 1000).start()

@@ -42,8 +42,8 @@ STOP_MARGIN = 3.0  # seconds past kill_grace a stopping broker waits for executo
 REGISTER_ASK_INTERVAL = 1.0  # seconds
 EXIT_GRACE = 0.5  # seconds what an executor or handler Circus reaped sent last has to be read in
 # Seconds past PEER_TIMEOUT a silent peer whose process is a zombie is waited
-# for: Circus reaps once per check_delay (later on a loaded machine), and its
-# reap tells the exit code.
+# for: ccexecd reaps on SIGCHLD, but an arbiter starved of CPU (or stopped)
+# reaps late, and its reap tells the exit code.
 REAP_WAIT = 2 * PEER_TIMEOUT
 MAX_RESENDS = 5  # times a remote job's missing output is asked for again before its record is closed
 
