@@ -10,8 +10,11 @@ baselines: websocketd (one process per connection; installed with apt-get
 when absent and running as root, else that column is skipped, saying why),
 "python floor" (tools/bench/floor_server.py: one Python process that does
 nothing but spawn and relay, the most any Python server on the same
-libraries could reach; W1 and W2) and "raw" (the same command spawned with
-asyncio subprocess pipes, no network). W5 also probes ccexec while its own
+libraries could reach; W1 and W2), "raw" (the same command spawned with
+asyncio subprocess pipes, no network) and, for W2, two "ceilings"
+(tools/bench/wire_ceiling_server.py: the stream sent from memory, in ccexec's
+messages and in websocketd's bare lines: the most the same client can
+take in each wire format, whatever the server). W5 also probes ccexec while its own
 jobs spin the CPU, at job_nice 0 and 5. Prints a Markdown table (median,
 min-max over the runs, ratios ccexec/baseline) and writes JSON. Servers
 bind 127.0.0.1 only; every loop is bounded; everything started is stopped.
@@ -136,6 +139,8 @@ class CcexecServer:
 
 
 class WebsocketdServer:
+    START_TIMEOUT = 10  # seconds for its port to open
+
     def __init__(self, program: list[str]):
         self.port = free_port()
         self.program = program
@@ -152,7 +157,7 @@ class WebsocketdServer:
     async def __aenter__(self):
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + self.START_TIMEOUT
         while time.monotonic() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", self.port), 0.2).close()
@@ -174,6 +179,21 @@ class FloorServer(WebsocketdServer):
 
     def command(self) -> list[str]:
         return [sys.executable, str(Path(__file__).with_name("floor_server.py")), str(self.port)]
+
+
+class WireCeilingServer(WebsocketdServer):
+    """tools/bench/wire_ceiling_server.py: a stream sent from memory, the most
+    a client can take in a wire format ("ccexec" or websocketd's "lines")."""
+
+    START_TIMEOUT = 120  # it runs the command and builds every message first
+
+    def __init__(self, wire_format: str, shell_command: str):
+        super().__init__([])
+        self.wire_format, self.shell_command = wire_format, shell_command
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(Path(__file__).with_name("wire_ceiling_server.py")), "--format", self.wire_format,
+                str(self.port), self.shell_command]
 
 
 async def wait_http(port: int, path: str, timeout: float) -> None:
@@ -397,9 +417,22 @@ async def w2_w3(sizes: Sizes, runs: int, res: Results, tmp: Path, websocketd: bo
                         size, took = await ccexec_job(floor.url, command, stream_mode=mode)
                         record(res, workload, "MiB/s", target, size / took / 2**20, "higher")
                         record(res, workload, "exact", target, float(size == expected), "higher")
+                await w2_client_ceilings(workload, command, expected, res)
             size, took = await raw_job(command)
             record(res, workload, "MiB/s", "raw", size / took / 2**20, "higher")
             record(res, workload, "exact", "raw", float(size == expected), "higher")
+
+
+async def w2_client_ceilings(workload: str, command: str, expected: int, res: Results) -> None:
+    """What the same clients take of the stream sent from memory, one message
+    a line: in ccexec's lines-mode messages (the wire contract) and in
+    websocketd's bare lines. No server can stream either format faster."""
+    for wire_format, read, target in (("ccexec", lambda url: ccexec_job(url, command), "ceiling, ccexec messages"),
+                                      ("lines", websocketd_oneshot, "ceiling, bare lines")):
+        async with WireCeilingServer(wire_format, command) as server:
+            size, took = await read(server.url)
+        record(res, workload, "MiB/s", target, size / took / 2**20, "higher")
+        record(res, workload, "exact", target, float(size == expected), "higher")
 
 
 async def w4(sizes: Sizes, runs: int, res: Results, tmp: Path) -> None:
@@ -550,7 +583,7 @@ def ratio_rows(res: Results) -> list[str]:
 async def main_async(args: argparse.Namespace) -> Results:
     sizes = QUICK if args.quick else Sizes()
     runs = args.runs or (1 if args.quick else 3)
-    only = set(args.only.split(",")) if args.only else {"W1", "W2", "W4", "W5", "IDLE"}
+    only = set(args.only.upper().split(",")) if args.only else set(WORKLOADS)
     res = Results()
     why_not = None if args.no_websocketd is False else "disabled with --no-websocketd"
     why_not = why_not or websocketd_available()
@@ -573,11 +606,23 @@ async def main_async(args: argparse.Namespace) -> Results:
     return res
 
 
+WORKLOADS = ("W1", "W2", "W4", "W5", "IDLE")
+
+
+def workload_list(text: str) -> str:
+    unknown = set(text.upper().split(",")) - set(WORKLOADS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown workload {', '.join(sorted(unknown))}: choose from "
+                                         f"{','.join(WORKLOADS)}")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one run: a smoke test")
     parser.add_argument("--runs", type=int, help="runs per workload (default 3; 1 with --quick)")
-    parser.add_argument("--only", help="comma-separated subset of W1,W2,W4,W5,IDLE (W2 includes W3)")
+    parser.add_argument("--only", type=workload_list,
+                        help=f"comma-separated subset of {','.join(WORKLOADS)} (W2 includes W3)")
     parser.add_argument("--json", default="bench-results.json", help="where to write the JSON results")
     parser.add_argument("--no-websocketd", action="store_true", help="skip the websocketd baseline")
     parser.add_argument("--stream-load", nargs=3, metavar=("KIND", "URL", "COMMAND"), help=argparse.SUPPRESS)
