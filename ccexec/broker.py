@@ -64,6 +64,7 @@ class Peer:
     stopping: bool = False  # an executor that takes no more jobs: it ends the ones it runs and exits
     exit_code: int | None = None  # a local executor's or handler's, once Circus has reaped it
     awaiting_reap: bool = False  # silent, and its process is dead: Circus is to tell the exit code
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)  # a handler's: bus.note_dropped
 
     @property
     def free(self) -> int:
@@ -337,7 +338,13 @@ class Broker:
         frames = bus.pack(kind, header, *payload)
         sock = self.data if kind == bus.OUTPUT else self.frontend
         for identity in list(job.subscribers):
-            self._send(sock, identity, frames)
+            if not self._send(sock, identity, frames) and kind == bus.OUTPUT:
+                self.output_dropped(identity, job.job_id, header["stream"], header["offset"] + len(payload[0]))
+
+    def output_dropped(self, handler: bytes, job_id: str, stream: str, end: int) -> None:
+        peer = self.handlers.get(handler)
+        if peer is not None:
+            bus.note_dropped(peer.dropped, job_id, stream, end)
 
     def to_executor(self, identity: bytes, kind: bytes, header: dict, face: zmq.Socket | None = None) -> bool:
         peer = self.executors.get(identity)
@@ -543,6 +550,8 @@ class Broker:
                 self.to_subscribers(job, kind, header, *payload)
         elif kind == bus.COMPLETED:
             self.on_completed(peer, header)
+        elif kind == bus.HEARTBEAT and not peer.remote:  # a node's sends wait instead of dropping
+            self.executor_dropped(peer, header.get("dropped"))
         elif kind == bus.STOPPING:
             self.executor_stopping(peer)
         elif kind == bus.DECLINED:
@@ -551,6 +560,20 @@ class Broker:
             pending = self.pending_controls.pop(str(header.get("ref", "")), None)
             if pending is not None:
                 self.to_handler(pending[0], bus.CONTROL_RESULT, header)
+
+    def executor_dropped(self, peer: Peer, dropped: object) -> None:
+        """Output an executor could not send: the handlers that follow the job
+        are told how far it goes, as if they had missed it themselves."""
+        if not isinstance(dropped, dict):
+            return
+        for job_id, ends in dropped.items():
+            job = self.jobs.get(job_id)
+            if job is None or job.executor != peer.identity or not isinstance(ends, dict):
+                continue
+            for stream, end in ends.items():
+                if stream in protocol.STREAMS and isinstance(end, int):
+                    for handler in job.subscribers:
+                        self.output_dropped(handler, job_id, stream, end)
 
     def fail_controls_sent_to(self, executor: bytes, why: str) -> None:
         """Controls an executor will never answer: the handlers hear why now,
@@ -856,7 +879,10 @@ class Broker:
             if self.silent_too_long(peer, "handler", now):
                 self.lose_handler(identity, "heartbeat timeout")
             else:
-                self.to_handler(identity, bus.HEARTBEAT, self.with_addresses_elsewhere(stats, identity))
+                header = self.with_addresses_elsewhere(stats, identity)
+                if peer.dropped:  # not kept should this send fail: such a handler is dead or frozen
+                    header, peer.dropped = {**header, "dropped": peer.dropped}, {}
+                self.to_handler(identity, bus.HEARTBEAT, header)
 
     @staticmethod
     def silent_too_long(peer: Peer, role: str, now: float) -> bool:

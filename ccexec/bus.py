@@ -8,8 +8,9 @@ multipart frame list: [kind, JSON header] plus, for OUTPUT, the raw bytes.
 
 Output bound for handlers travels on a socket pair of its own (the data
 plane): when a handler falls behind, its output queue fills and further
-output is dropped (the journal has it), while answers and job events on
-the control plane never wait behind bulk data.
+output is dropped (the journal has it, and the next heartbeat says how far
+it goes), while answers and job events on the control plane never wait
+behind bulk data.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ DECLINED = b"DECLINED"    # {job_id}: a DISPATCH that came while the executor st
 STOPPING = b"STOPPING"    # {}: dispatch no more; answered with STOPPING, after which no DISPATCH follows
 # --- both directions, both faces
 READY = b"READY"          # register: {role, pid, capacity, jobs, completed, node, labels} or {role, pid, jobs, connections}
-HEARTBEAT = b"HEARTBEAT"  # executor {running}, handler {connections}, broker -> handler: pool stats
+# executor {running, dropped?}, handler {connections}, broker -> handler: pool stats and dropped?, where
+# {job_id: {stream: end}} says how far output goes whose live copy was dropped since the last one
+HEARTBEAT = b"HEARTBEAT"
 REREGISTER = b"REREGISTER"  # broker to an unknown peer: send READY again
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats on both faces
@@ -64,6 +67,15 @@ HIGH_WATER_MARK = 1000    # queued messages per peer before EAGAIN
 # reads slower makes the sender wait or drop (the journal has every byte),
 # never buffer in memory.
 DATA_HIGH_WATER_MARK = 16
+
+
+def note_dropped(dropped: dict[str, dict[str, int]], job_id: str, stream: str, end: int) -> None:
+    """Output up to `end` whose live copy was dropped on its way (a full
+    queue, a peer not yet connected): the journal has it, and the next
+    heartbeat says how far it goes, so that a handler reads it from there
+    even if the job then writes nothing for a long time."""
+    ends = dropped.setdefault(job_id, {})
+    ends[stream] = max(ends.get(stream, 0), end)
 
 
 def pack(kind: bytes, header: dict, *payload: bytes) -> list[bytes]:

@@ -164,14 +164,6 @@ async def pipe_reader(read_end: int) -> asyncio.StreamReader:
     return reader
 
 
-def output_sent(sent: asyncio.Future) -> None:
-    """zmq.asyncio reports a full queue on the send's future, not by raising:
-    that chunk is dropped, as meant (the journal has it). Anything else is told."""
-    error = None if sent.cancelled() else sent.exception()
-    if error is not None and not isinstance(error, zmq.Again):
-        logs.event(log, "executor.output_send_failed", logging.WARNING, error=error)
-
-
 def journal_closed(job_id: str, closing: Future) -> None:
     """In the worker thread that closed a job's journal: a failure (a network
     filesystem can report a lost write only here) is told, not swallowed."""
@@ -253,6 +245,7 @@ class Executor:
         self.jobs: dict[str, RunningJob] = {}
         self.tasks: set[asyncio.Task] = set()
         self.unacked: dict[str, dict] = {}  # COMPLETED headers the broker has not acknowledged
+        self.dropped: dict[str, dict[str, int]] = {}  # bus.note_dropped: told with the next heartbeat
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="journal")
         self.broker_seen = time.monotonic()
         self.stopping = asyncio.Event()
@@ -276,7 +269,18 @@ class Executor:
         if self.settings.remote:
             await self.send(bus.OUTPUT, header, data)
             return
-        self.sock.send_multipart(bus.pack(bus.OUTPUT, header, data), zmq.NOBLOCK).add_done_callback(output_sent)
+        self.sock.send_multipart(bus.pack(bus.OUTPUT, header, data), zmq.NOBLOCK).add_done_callback(
+            functools.partial(self.output_sent, header["job_id"], header["stream"], header["offset"] + len(data)))
+
+    def output_sent(self, job_id: str, stream: str, end: int, sent: asyncio.Future) -> None:
+        """zmq.asyncio reports a full queue on the send's future, not by raising:
+        that chunk is dropped, as meant (the journal has it), and the next
+        heartbeat says how far the stream goes. Anything else is told."""
+        error = None if sent.cancelled() else sent.exception()
+        if isinstance(error, zmq.Again):
+            bus.note_dropped(self.dropped, job_id, stream, end)
+        elif error is not None:
+            logs.event(log, "executor.output_send_failed", logging.WARNING, error=error)
 
     async def register(self) -> None:
         await self.send(bus.READY, {
@@ -314,7 +318,10 @@ class Executor:
     async def heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(bus.HEARTBEAT_INTERVAL)
-            await self.send(bus.HEARTBEAT, {"running": len(self.jobs)})
+            header = {"running": len(self.jobs)}
+            if self.dropped:
+                header["dropped"], self.dropped = self.dropped, {}
+            await self.send(bus.HEARTBEAT, header)
 
     async def watch_head(self) -> None:
         """On a node: jobs the head has stopped hearing about are ended (it records them lost)."""

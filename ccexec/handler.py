@@ -76,9 +76,13 @@ class StreamState:
         self.inline: deque[tuple[int, bytes]] = deque()
         self.inline_bytes = 0
 
+    def learn(self, end: int) -> None:
+        """The journal holds this much at least."""
+        self.known = max(self.known, end)
+
     def offer(self, offset: int, data: bytes) -> None:
         """Keep live data if it continues what is held and there is room."""
-        self.known = max(self.known, offset + len(data))
+        self.learn(offset + len(data))
         expected = self.inline[-1][0] + len(self.inline[-1][1]) if self.inline else self.delivered
         if offset == expected and self.inline_bytes + len(data) <= INLINE_LIMIT:
             self.inline.append((offset, data))
@@ -177,6 +181,13 @@ class JobStream:
     def on_output(self, stream: str, offset: int, data: bytes) -> None:
         self.last_output = time.monotonic()
         self.streams[stream].offer(offset, data)
+        self.wake.set()
+
+    def on_output_dropped(self, ends: dict) -> None:
+        """Live copies of output up to these ends were dropped: read from the journal."""
+        for stream, end in ends.items():
+            if stream in STREAMS and isinstance(end, int):
+                self.streams[stream].learn(end)
         self.wake.set()
 
     def on_control(self, status: str) -> None:
@@ -659,8 +670,13 @@ class Handler:
 
     def on_broker_message(self, kind: bytes, header: dict, payload: list[bytes]) -> None:
         if kind == bus.HEARTBEAT:
+            dropped = header.pop("dropped", None)
             self.stats = header
             self.stats_received.set()
+            if isinstance(dropped, dict):
+                for job_id, ends in dropped.items():
+                    for job in list(self.followers.get(job_id, ()) if isinstance(ends, dict) else ()):
+                        job.on_output_dropped(ends)
         elif kind == bus.REREGISTER:
             self.register()
         elif kind == bus.DAEMON_STOPPING:

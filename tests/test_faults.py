@@ -51,6 +51,14 @@ def _descendants(pid: int) -> list[int]:
         return []
 
 
+def _idle(pid: int, quiet: float = 0.2) -> bool:
+    """The process used no CPU for `quiet` seconds: it has nothing left to do."""
+    process = psutil.Process(pid)
+    before = sum(process.cpu_times()[:2])
+    time.sleep(quiet)
+    return sum(process.cpu_times()[:2]) == before
+
+
 @contextlib.contextmanager
 def _struck(pid: int, sig: int):
     """Send sig to pid; a process frozen by it and still there at the end is let go."""
@@ -381,6 +389,39 @@ async def test_a_dead_executor_is_reaped_and_replaced_when_it_dies_not_at_circus
                  what="a new executor in its place")
         again = await client.execute("echo still serving")
         assert (await again.wait(20)).stdout == "still serving\n"
+
+
+@pytest.mark.parametrize("behind", ["handler", "broker"])
+@async_test(60)
+async def test_output_a_process_fell_behind_on_reaches_its_client_while_the_job_is_silent(make_daemon, behind):
+    """Live copies of output the next process cannot take in time are dropped
+    (the journal has them). The last of them, before a long silence, still
+    reaches the client within seconds, not only when the job ends."""
+    d = make_daemon(handlers=1)
+    [frozen] = d.role_pids(behind)
+    go = d.workdir / "go"
+    width, lines = 60_000, 500  # 30 MB: far past what the queues between the processes hold
+    expected = "begun\n" + ("x" * width + "\n") * lines + "TAIL\n"
+    command = (f"echo begun; while [ ! -e {go} ]; do sleep 0.05; done; "
+               f"head -c {width * lines} /dev/zero | tr '\\0' x | fold -w {width}; echo; echo TAIL; sleep 60")
+    async with Client(d.url) as client:
+        job = await client.execute(command)  # lines mode: no partial line is held, to be flushed after a pause
+        await _first_output(job)
+        # What sends to the frozen process: the broker to a handler, an executor to the broker.
+        [sender] = d.role_pids("broker") if behind == "handler" else [psutil.Process(job.pid).ppid()]
+        journal = d.state_dir / "jobs" / job.job_id / "stdout"
+        with _struck(frozen, signal.SIGSTOP):  # it takes nothing while the burst is written
+            go.touch()
+            wait_for(lambda: journal.stat().st_size == len(expected), 10, what="the burst journaled")
+            wait_for(lambda: _idle(sender), 10, what="the burst sent (or dropped) on the way")
+        try:
+            async for _ in job.events(timeout=10):  # the job itself sleeps another minute
+                if job.stdout[-1] == "TAIL\n":
+                    break
+        except TimeoutError:
+            pytest.fail(f"{sum(map(len, job.stdout))} of {len(expected)} characters came; no more within 10 s")
+        assert "".join(job.stdout) == expected
+        await job.control("cancel")
 
 
 @async_test(60)
