@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -280,9 +281,11 @@ async def test_a_node_cannot_speak_for_jobs_it_was_not_given(cluster):
     node (here a raw ZeroMQ peer with an allowed key) claiming a running job
     is told to cancel its copy, and its output and end for it are ignored."""
     head, _, keys, endpoint = cluster
+    go = head.workdir / f"go-{uuid.uuid4().hex}"
     with _raw_node(keys, endpoint, b"executor-intruder-1") as intruder:
         async with Client(head.url) as client:
-            job = await client.execute("echo first; sleep 2; echo second")  # on the head's own executor
+            # On the head's own executor, running until the forgeries are in.
+            job = await client.execute(f"echo first; while [ ! -e {go} ]; do sleep 0.05; done; echo second")
             assert await anext(_outputs(job)) == "first\n"
             claim = {"job_id": job.job_id, "pid": 1, "pgid": 1, "started_at": time.time(), "spec": {}}
             intruder.send_multipart(bus.pack(bus.READY, {"role": "executor", "pid": 1, "capacity": 0,
@@ -293,10 +296,12 @@ async def test_a_node_cannot_speak_for_jobs_it_was_not_given(cluster):
                                              b"forged\n"))
             intruder.send_multipart(bus.pack(bus.COMPLETED, {"job_id": job.job_id, "exit_code": 0, "reason": "exit",
                                                              "stdout_bytes": 13, "stderr_bytes": 0}))
+            foreign = f"executor.foreign_job executor=executor-intruder-1 job_id={job.job_id}"
+            wait_for(lambda: head.log_path.read_text(errors="replace").count(foreign) == 2, 10,
+                     what="the head passing over the forged output and end")
+            go.touch()
             result = await job.wait(30)
             assert result.stdout == "first\nsecond\n" and result.exit_code == 0
-        wait_for(lambda: "executor.foreign_job" in head.log_path.read_text(errors="replace"), 10,
-                 what="the head logs the foreign claims")
 
 
 @async_test(60)
