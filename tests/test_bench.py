@@ -24,7 +24,7 @@ def test_benchmark_suite_quick_run_completes_with_exact_output(tmp_path):
     assert run.stdout.startswith("| workload | metric | target |")
     rows = json.loads(out.read_text())["rows"]
     workloads = {r["workload"] for r in rows}
-    assert {"W1 per-connection", "W1 persistent", "W2 stream", "W3 8 MiB line", "W4 20 x sleep 2",
+    assert {"W1 one at a time", "W1 per-connection", "W1 persistent", "W2 stream", "W3 8 MiB line", "W4 20 x sleep 2",
             "W5 handshake under load", "W5 handshake, jobs spinning", "Idle default pool"} <= workloads
     stream_targets = {r["target"] for r in rows if r["workload"] == "W2 stream"}
     assert {"ccexec", "ccexec chunks", "raw", "ceiling, ccexec messages", "ceiling, bare lines"} <= stream_targets

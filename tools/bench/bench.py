@@ -55,6 +55,7 @@ SHELL_LOOP = f'while IFS= read -r line; do sh -c "$line"; echo {DONE}; done'
 class Sizes:
     w1_jobs: int = 300
     w1_concurrency: int = 8
+    w1_single: int = 100              # jobs one after another, nothing else running
     w2_raw_bytes: int = 50331648      # base64 makes 64 MiB of it
     w3_raw_bytes: int = 6291456       # one 8 MiB line
     w4_connections: int = 1000
@@ -62,7 +63,7 @@ class Sizes:
     w5_probes: int = 200
 
 
-QUICK = Sizes(w1_jobs=20, w1_concurrency=4, w2_raw_bytes=393216, w3_raw_bytes=196608, w4_connections=20,
+QUICK = Sizes(w1_jobs=20, w1_concurrency=4, w1_single=5, w2_raw_bytes=393216, w3_raw_bytes=196608, w4_connections=20,
               w5_streamers=2, w5_probes=20)
 
 
@@ -331,9 +332,16 @@ def throughput(latencies: list[float], wall: float) -> float:
     return len(latencies) / wall
 
 
+async def one_at_a_time(sizes: Sizes, res: Results, target: str, run_one) -> None:
+    """Short jobs one after another on an otherwise idle server, each on a
+    connection of its own: the latency a lone client feels."""
+    record_percentiles(res, "W1 one at a time", target, await bounded(sizes.w1_single, 1, run_one))
+
+
 async def w1_jsonrpc(url: str, sizes: Sizes, res: Results, target: str) -> None:
-    """W1 both ways against a server speaking ccexec's protocol (ccexec, the floor)."""
+    """W1 every way against a server speaking ccexec's protocol (ccexec, the floor)."""
     n, conc = sizes.w1_jobs, sizes.w1_concurrency
+    await one_at_a_time(sizes, res, target, lambda: ccexec_job(url, "echo hello"))
     for mode in ("per-connection", "persistent"):
         started = time.monotonic()
         if mode == "per-connection":
@@ -350,6 +358,7 @@ async def w1(sizes: Sizes, runs: int, res: Results, tmp: Path, websocketd: bool)
             await w1_jsonrpc(server.url, sizes, res, "ccexec")
         if websocketd:
             async with WebsocketdServer(["sh", "-c", "echo hello"]) as wsd:
+                await one_at_a_time(sizes, res, "websocketd", lambda: websocketd_oneshot(wsd.url))
                 started = time.monotonic()
                 lat = await bounded(n, conc, lambda: websocketd_oneshot(wsd.url))
                 record_latency(res, "W1 per-connection", "websocketd", lat, time.monotonic() - started)
@@ -359,6 +368,7 @@ async def w1(sizes: Sizes, runs: int, res: Results, tmp: Path, websocketd: bool)
                 record_latency(res, "W1 persistent", "websocketd", lat, time.monotonic() - started)
         async with FloorServer() as floor:
             await w1_jsonrpc(floor.url, sizes, res, "python floor")
+        await one_at_a_time(sizes, res, "raw", lambda: raw_job("echo hello"))
         started = time.monotonic()
         lat = await bounded(n, conc, lambda: raw_job("echo hello"))
         record_latency(res, "W1 per-connection", "raw", lat, time.monotonic() - started)
