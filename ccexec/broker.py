@@ -112,6 +112,7 @@ class Job:
     resend_asked: dict[str, int] = field(default_factory=dict)  # stream -> replica size when asked
     resends: int = 0
     journal_error: str | None = None  # this host could not journal a remote job's output: it was ended
+    output_ends: dict[str, int] = field(default_factory=dict)  # how far its journal is known to go, by stream
 
 
 class Broker:
@@ -337,6 +338,8 @@ class Broker:
     def to_subscribers(self, job: Job, kind: bytes, header: dict, *payload: bytes) -> None:
         frames = bus.pack(kind, header, *payload)
         sock = self.data if kind == bus.OUTPUT else self.frontend
+        if kind == bus.OUTPUT:
+            bus.extend(job.output_ends, header["stream"], header["offset"] + len(payload[0]))
         for identity in list(job.subscribers):
             if not self._send(sock, identity, frames) and kind == bus.OUTPUT:
                 self.output_dropped(identity, job.job_id, header["stream"], header["offset"] + len(payload[0]))
@@ -395,6 +398,7 @@ class Broker:
         if job is not None:
             job.subscribers.add(identity)
             job.grace_deadline = None
+            self.tell_output_ends(job, {identity})  # what came before it followed the job
         elif job_id in self.unclaimed:  # its executor has not re-registered yet
             self.waiting_subscribers.setdefault(job_id, set()).add(identity)
         elif (completed := self.store.completed(job_id)) is not None:
@@ -562,18 +566,30 @@ class Broker:
                 self.to_handler(pending[0], bus.CONTROL_RESULT, header)
 
     def executor_dropped(self, peer: Peer, dropped: object) -> None:
-        """Output an executor could not send: the handlers that follow the job
-        are told how far it goes, as if they had missed it themselves."""
+        """Output an executor could not send."""
         if not isinstance(dropped, dict):
             return
         for job_id, ends in dropped.items():
             job = self.jobs.get(job_id)
-            if job is None or job.executor != peer.identity or not isinstance(ends, dict):
-                continue
+            if job is not None and job.executor == peer.identity:
+                self.learn_output_ends(job, ends)
+                self.tell_output_ends(job, job.subscribers)
+
+    @staticmethod
+    def learn_output_ends(job: Job, ends: object) -> None:
+        """The job's journal goes this far: its executor says so."""
+        if isinstance(ends, dict):
             for stream, end in ends.items():
                 if stream in protocol.STREAMS and isinstance(end, int):
-                    for handler in job.subscribers:
-                        self.output_dropped(handler, job_id, stream, end)
+                    bus.extend(job.output_ends, stream, end)
+
+    def tell_output_ends(self, job: Job, handlers: set[bytes]) -> None:
+        """Output of the job these handlers may not have had the live copy
+        of (it never came this way, or came before they followed the job):
+        they are told how far it goes, as if they had missed it themselves."""
+        for stream, end in job.output_ends.items():
+            for handler in handlers:
+                self.output_dropped(handler, job.job_id, stream, end)
 
     def fail_controls_sent_to(self, executor: bytes, why: str) -> None:
         """Controls an executor will never answer: the handlers hear why now,
@@ -656,6 +672,9 @@ class Broker:
         else:
             job.pid, job.pgid, job.started_at = started["pid"], started["pgid"], started["started_at"]
             self.to_subscribers(job, bus.STARTED, started)  # followers that came while it was unclaimed
+        if not peer.remote:  # what it journaled while no broker heard (a node's journal is not this host's)
+            self.learn_output_ends(job, running.get("output"))
+            self.tell_output_ends(job, job.subscribers)
 
     def may_adopt(self, peer: Peer, job_id: str) -> bool:
         """A job that is not over; from a node, only one this broker (or the

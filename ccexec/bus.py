@@ -74,7 +74,10 @@ def note_dropped(dropped: dict[str, dict[str, int]], job_id: str, stream: str, e
     queue, a peer not yet connected): the journal has it, and the next
     heartbeat says how far it goes, so that a handler reads it from there
     even if the job then writes nothing for a long time."""
-    ends = dropped.setdefault(job_id, {})
+    extend(dropped.setdefault(job_id, {}), stream, end)
+
+
+def extend(ends: dict[str, int], stream: str, end: int) -> None:
     ends[stream] = max(ends.get(stream, 0), end)
 
 

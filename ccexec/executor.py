@@ -66,10 +66,13 @@ class RunningJob:
     output_bytes: int = 0  # read from its pipes so far
     claude_reader: claude.ClaudeReader | None = None  # a Claude job's stdout events
     quiet_until: float = 0.0  # loop time before which silence is no stall (a CLI retry wait)
+    journal: JournalWriter | None = None
 
     def describe(self) -> dict:
-        return {"job_id": self.job_id, "pid": self.pid, "pgid": self.pid,
-                "started_at": self.started_at, "spec": self.spec}
+        """As a (re-)registering executor tells a broker of it, with how far
+        its journal goes: what it wrote while no broker heard is read from there."""
+        return {"job_id": self.job_id, "pid": self.pid, "pgid": self.pid, "started_at": self.started_at,
+                "spec": self.spec, "output": dict(self.journal.sizes) if self.journal is not None else {}}
 
 
 def daemon_environment() -> dict[str, str]:
@@ -386,7 +389,7 @@ class Executor:
 
     async def run_job(self, job: RunningJob) -> None:
         job_id = job.job_id
-        journal = JournalWriter(self.settings.jobs_dir, job_id)
+        journal = job.journal = JournalWriter(self.settings.jobs_dir, job_id)
         exit_code, reason, error = await self.execute(job, journal, self.resolve_cwd(job.spec))
         # Every byte is written: the job's end need not wait for its files to
         # close (a worker-thread round trip is ~0.1 ms of a short job's CPU).

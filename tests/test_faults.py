@@ -425,6 +425,33 @@ async def test_output_a_process_fell_behind_on_reaches_its_client_while_the_job_
 
 
 @async_test(60)
+async def test_output_written_while_the_broker_was_down_reaches_its_client_while_the_job_is_silent(make_daemon):
+    """A line the job writes while no broker hears it (frozen, then killed:
+    what was queued for it dies with it) is in the journal; once the broker
+    is back, the client gets it within seconds, not when the job next writes."""
+    d = make_daemon()
+    go = d.workdir / "go"
+    command = f"echo begun; while [ ! -e {go} ]; do sleep 0.05; done; echo meanwhile; sleep 60"
+    async with Client(d.url) as client:
+        job = await client.execute(command)
+        await _first_output(job)
+        journal = d.state_dir / "jobs" / job.job_id / "stdout"
+        [broker] = d.role_pids("broker")
+        os.kill(broker, signal.SIGSTOP)
+        go.touch()
+        wait_for(lambda: journal.read_text() == "begun\nmeanwhile\n", 10, what="the line journaled")
+        os.kill(broker, signal.SIGKILL)
+        try:
+            async for _ in job.events(timeout=15):  # the job itself sleeps another minute
+                if job.stdout[-1] == "meanwhile\n":
+                    break
+        except TimeoutError:
+            pytest.fail(f"the line written while the broker was down did not come within 15 s: {job.stdout}")
+        assert "".join(job.stdout) == "begun\nmeanwhile\n"
+        await job.control("cancel")
+
+
+@async_test(60)
 async def test_an_executor_the_watchdog_killed_is_not_waited_for(make_daemon):
     """Circus reaps a process its watchdog kills without a word (its kill
     polls the process), so no exit code will come: the broker, frozen until
