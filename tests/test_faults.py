@@ -391,6 +391,17 @@ async def test_a_dead_executor_is_reaped_and_replaced_when_it_dies_not_at_circus
         assert (await again.wait(20)).stdout == "still serving\n"
 
 
+async def _until_last_line(job, line: str, timeout: float) -> None:
+    """Until the job's output ends with `line`. The job sleeps on after it,
+    so no later output or end of the job can be what brings it."""
+    try:
+        async for _ in job.events(timeout=timeout):
+            if job.stdout and job.stdout[-1] == line:
+                return
+    except TimeoutError:
+        pytest.fail(f"{line!r} did not come: {sum(map(len, job.stdout))} characters did, then none for {timeout} s")
+
+
 @pytest.mark.parametrize("behind", ["handler", "broker"])
 @async_test(60)
 async def test_output_a_process_fell_behind_on_reaches_its_client_while_the_job_is_silent(make_daemon, behind):
@@ -414,12 +425,7 @@ async def test_output_a_process_fell_behind_on_reaches_its_client_while_the_job_
             go.touch()
             wait_for(lambda: journal.stat().st_size == len(expected), 10, what="the burst journaled")
             wait_for(lambda: _idle(sender), 10, what="the burst sent (or dropped) on the way")
-        try:
-            async for _ in job.events(timeout=10):  # the job itself sleeps another minute
-                if job.stdout[-1] == "TAIL\n":
-                    break
-        except TimeoutError:
-            pytest.fail(f"{sum(map(len, job.stdout))} of {len(expected)} characters came; no more within 10 s")
+        await _until_last_line(job, "TAIL\n", 10)
         assert "".join(job.stdout) == expected
         await job.control("cancel")
 
@@ -441,12 +447,7 @@ async def test_output_written_while_the_broker_was_down_reaches_its_client_while
         go.touch()
         wait_for(lambda: journal.read_text() == "begun\nmeanwhile\n", 10, what="the line journaled")
         os.kill(broker, signal.SIGKILL)
-        try:
-            async for _ in job.events(timeout=15):  # the job itself sleeps another minute
-                if job.stdout[-1] == "meanwhile\n":
-                    break
-        except TimeoutError:
-            pytest.fail(f"the line written while the broker was down did not come within 15 s: {job.stdout}")
+        await _until_last_line(job, "meanwhile\n", 15)
         assert "".join(job.stdout) == "begun\nmeanwhile\n"
         await job.control("cancel")
 
