@@ -64,6 +64,15 @@ def http_get(port: int, path: str, timeout: float = 5) -> tuple[int, bytes, dict
         return exc.code, exc.read(), dict(exc.headers)
 
 
+def pid_running(pid: int) -> bool:
+    """A process of that PID exists and is not a zombie (one that ends while
+    being looked at counts as ended)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def marked_processes(mark: str) -> list[psutil.Process]:
     found = []
     for pid in psutil.pids():  # not process_iter: its cache can hold an earlier process of a PID

@@ -23,19 +23,12 @@ import websockets
 
 from ccexec import broker, ctl
 from ccexec.client import Client, RPCError
-from support import (Daemon, async_test, detached_sleep, http_get, marked_processes, marked_running, serves, ticker,
-                     wait_for)
+from support import (Daemon, async_test, detached_sleep, http_get, marked_processes, marked_running, pid_running,
+                     serves, ticker, wait_for)
 from wire import Wire
 
 TICKER, TICKER_OUTPUT = ticker(150, 0.02)
 LONG_TICKER, _ = ticker(1000, 0.02)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _sleeps(d: Daemon, seconds: str, count: int) -> list[int] | None:
@@ -66,7 +59,7 @@ def _struck(pid: int, sig: int):
     try:
         yield time.monotonic()
     finally:
-        if sig == signal.SIGSTOP and _alive(pid):
+        if sig == signal.SIGSTOP and pid_running(pid):
             os.kill(pid, signal.SIGCONT)
 
 
@@ -88,7 +81,7 @@ async def test_dead_or_frozen_broker_jobs_finish_and_clients_get_everything(make
             new_broker = wait_for(lambda: [pid for pid in d.role_pids("broker") if pid != broker], 15,
                                   what="a new broker")
             recovery = time.monotonic() - struck_at
-            assert not _alive(broker)
+            assert not pid_running(broker)
     assert new_broker != [broker]
     for result in results:
         assert result.reason == "exit" and result.exit_code == 0
@@ -151,7 +144,7 @@ async def test_execute_whose_handler_dies_before_the_answer_is_sent_again_and_ru
             executing = asyncio.ensure_future(client.execute(command))
             await client.ping()  # answered after the handler passed the execute on
             os.kill(handler, signal.SIGKILL)
-            await asyncio.to_thread(wait_for, lambda: not _alive(handler), 10, 0.05, "the handler's end")
+            await asyncio.to_thread(wait_for, lambda: not pid_running(handler), 10, 0.05, "the handler's end")
         job = await executing
         result = await job.wait(20)
         records = [r for r in await client.jobs() if r["command"] == command]
@@ -204,7 +197,7 @@ async def test_request_the_broker_had_not_answered_when_it_hung_is_answered_by_t
         await job.wait(20)
         with _struck(broker, signal.SIGSTOP):
             record = await client.job_status(job.job_id)  # asked the hung broker; answered by the next
-            assert not _alive(broker)
+            assert not pid_running(broker)
     assert (record["state"], record["reason"]) == ("finished", "exit")
 
 
@@ -341,11 +334,11 @@ async def test_dead_or_frozen_executor_jobs_end_lost_and_leave_no_orphans(make_d
             # broker's heartbeat timeout: either may be heard first.
             causes = {"exit code -9"} if sig == signal.SIGKILL else {"heartbeat timeout", "exit code -9"}
             assert result.completed["error"] in {f"the executor running this job died ({cause})" for cause in causes}
-            wait_for(lambda: not any(_alive(p) for p in tree), 5, what="the job's tree to be gone")
+            wait_for(lambda: not any(pid_running(p) for p in tree), 5, what="the job's tree to be gone")
             wait_for(lambda: executor not in d.role_pids("executor") and len(d.role_pids("executor")) == 2, 15,
                      what="a new executor in its place")
             # The arbiter adopts what the dead executor had adopted, and ends it.
-            wait_for(lambda: not any(_alive(p) for p in cleared), 10, what="the cleared daemon to be gone")
+            wait_for(lambda: not any(pid_running(p) for p in cleared), 10, what="the cleared daemon to be gone")
         again = await client.execute("echo still serving")
         assert (await again.wait(20)).stdout == "still serving\n"
     print(f"executor {sig.name}: job ended lost {ended_after:.2f} s after it")
@@ -549,14 +542,14 @@ def test_killed_arbiter_new_daemon_takes_over_port_and_orphans(tmp_path):
         orphans = old.processes()
         old.proc.send_signal(signal.SIGKILL)
         old.proc.wait(10)
-        assert all(_alive(p.pid) for p in orphans if p.pid not in tree)  # handlers still hold the port
+        assert all(pid_running(p.pid) for p in orphans if p.pid not in tree)  # handlers still hold the port
         new = Daemon(tmp_path)
         new.port = old.port
         started = time.monotonic()
         new.start(timeout=20)
         takeover = time.monotonic() - started
-        assert not [p.pid for p in orphans if _alive(p.pid)], "old processes survived the takeover"
-        assert not [p.pid for p in tree if _alive(p)]
+        assert not [p.pid for p in orphans if pid_running(p.pid)], "old processes survived the takeover"
+        assert not [p.pid for p in tree if pid_running(p)]
         assert not marked_processes(old.mark)
         record = asyncio.run(_job_status(new.url, job["job_id"]))
         assert record["state"] == "finished" and record["reason"] in ("canceled", "lost")
@@ -590,11 +583,11 @@ async def test_stopped_handler_is_killed_and_respawned_while_service_answers(mak
         async with Client(d.url) as client:  # the other handler takes new connections
             result = await (await client.execute("echo served")).wait(20)
         assert result.stdout == "served\n"
-        await asyncio.to_thread(wait_for, lambda: not _alive(victim), 15, 0.1, "the watchdog's kill")
+        await asyncio.to_thread(wait_for, lambda: not pid_running(victim), 15, 0.1, "the watchdog's kill")
         killed_after = time.monotonic() - stopped_at
         await asyncio.to_thread(wait_for, lambda: len(d.role_pids("handler")) == 2, 10, 0.1, "a new handler")
     finally:
-        if _alive(victim):
+        if pid_running(victim):
             os.kill(victim, signal.SIGCONT)
     assert killed_after < 8, f"frozen handler killed only after {killed_after:.1f} s"
     print(f"SIGSTOP of a handler: killed by the watchdog after {killed_after:.2f} s")
@@ -778,14 +771,14 @@ def test_group_of_a_job_whose_leader_exited_meanwhile_is_ended_by_the_next_daemo
         ours = [arbiter, *(p for p in arbiter.children() if p.pid != job["pid"])]
         for proc in ours:
             proc.kill()
-        wait_for(lambda: not any(_alive(p.pid) for p in ours), 10, what="every ccexec process gone")
+        wait_for(lambda: not any(pid_running(p.pid) for p in ours), 10, what="every ccexec process gone")
         os.kill(job["pid"], signal.SIGTERM)  # the leader ends; its child is left in the group
         wait_for(lambda: not psutil.pid_exists(job["pid"]), 10, what="the leader exited and reaped")
-        assert _alive(child)
+        assert pid_running(child)
         new = Daemon(tmp_path)
         new.port = old.port
         new.start(timeout=20)
-        wait_for(lambda: not _alive(child), 10, what="the job's child to be ended")
+        wait_for(lambda: not pid_running(child), 10, what="the job's child to be ended")
         record = asyncio.run(_job_status(new.url, job["job_id"]))
         assert record["state"] == "finished" and record["reason"] == "lost"
     finally:
@@ -793,7 +786,7 @@ def test_group_of_a_job_whose_leader_exited_meanwhile_is_ended_by_the_next_daemo
             if daemon is not None:
                 daemon.stop()
                 daemon.cleanup()
-        if child is not None and _alive(child):  # jobs do not inherit the daemon's mark
+        if child is not None and pid_running(child):  # jobs do not inherit the daemon's mark
             os.kill(child, signal.SIGKILL)
 
 

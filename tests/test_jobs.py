@@ -18,7 +18,7 @@ import pytest
 from ccexec.client import Client, RPCError, run as run_sync
 from ccexec.executor import Executor
 from ccexec.protocol import MAX_ARG_BYTES
-from support import async_test, detached_sleep, marked_running, wait_for
+from support import async_test, detached_sleep, marked_running, pid_running, wait_for
 from wire import Wire
 
 PY = sys.executable
@@ -248,14 +248,7 @@ async def test_a_string_longer_than_one_exec_argument_is_invalid_params_and_dist
 
 
 def _alive(pids: list[int]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
+    return [pid for pid in pids if pid_running(pid)]
 
 
 def _gone(pids: list[int]) -> None:

@@ -12,11 +12,10 @@ import subprocess
 import time
 import uuid
 
-import psutil
 import pytest
 
 from support import (Daemon, ExecutorNode, async_test, cluster_keys, finish, free_port, line_printer, node_executors,
-                     remote_head_settings, wait_for)
+                     pid_running, remote_head_settings, wait_for)
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess:
@@ -123,9 +122,7 @@ async def test_a_node_across_a_veth_link_runs_jobs_is_authenticated_and_survives
             elsewhere = await client.execute(where, parallel=True)
             assert (await elsewhere.wait(30)).stdout == _netns_inode(head_ns)
             # The node, cut off, ends the job itself (the head cannot reach it).
-            wait_for(lambda: not psutil.pid_exists(running.pid)
-                     or psutil.Process(running.pid).status() == psutil.STATUS_ZOMBIE,
-                     20, what="the node ended its cut-off job")
+            wait_for(lambda: not pid_running(running.pid), 20, what="the node ended its cut-off job")
             ended_after = time.monotonic() - cut_at
             assert (await client.job_status(waiting.job_id))["state"] == "queued"
 

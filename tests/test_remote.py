@@ -24,7 +24,7 @@ from ccexec.client import Client
 from ccexec.config import Settings
 from ccexec.executor import Executor
 from support import (Daemon, ExecutorNode, async_test, cluster_keys, finish, free_port, line_printer, node_executors,
-                     remote_head_settings, wait_for)
+                     pid_running, remote_head_settings, wait_for)
 from wire import Wire
 
 PRINT_LINES, EXPECTED = line_printer(60_000)  # 2.2 MB of output: many network chunks
@@ -166,8 +166,7 @@ async def test_kill_9_of_a_node_executor_ends_its_job_lost_and_its_tree(cluster)
         lost_after = time.monotonic() - killed_at
         assert result.reason == "lost" and "far-node" in result.completed["error"]
         # The respawned executor ends the orphaned `sleep` (the head cannot: another host's pid).
-        wait_for(lambda: not psutil.pid_exists(job.pid) or psutil.Process(job.pid).status() == psutil.STATUS_ZOMBIE,
-                 20, what="the orphaned job's process ended on the node")
+        wait_for(lambda: not pid_running(job.pid), 20, what="the orphaned job's process ended on the node")
         reaped_after = time.monotonic() - killed_at
         wait_for(lambda: "job.orphan_reaped" in node.log_path.read_text(errors="replace"), 10,
                  what="the reaping logged (after the kill)")
