@@ -64,7 +64,7 @@ class Peer:
     stopping: bool = False  # an executor that takes no more jobs: it ends the ones it runs and exits
     exit_code: int | None = None  # a local executor's or handler's, once Circus has reaped it
     awaiting_reap: bool = False  # silent, and its process is dead: Circus is to tell the exit code
-    dropped: dict[str, dict[str, int]] = field(default_factory=dict)  # a handler's: bus.note_dropped
+    behind: set[str] = field(default_factory=set)  # a handler's jobs it missed output of: told with a heartbeat
 
     @property
     def free(self) -> int:
@@ -113,6 +113,10 @@ class Job:
     resends: int = 0
     journal_error: str | None = None  # this host could not journal a remote job's output: it was ended
     output_ends: dict[str, int] = field(default_factory=dict)  # how far its journal is known to go, by stream
+
+
+def extend(ends: dict[str, int], stream: str, end: int) -> None:
+    ends[stream] = max(ends.get(stream, 0), end)
 
 
 class Broker:
@@ -339,15 +343,10 @@ class Broker:
         frames = bus.pack(kind, header, *payload)
         sock = self.data if kind == bus.OUTPUT else self.frontend
         if kind == bus.OUTPUT:
-            bus.extend(job.output_ends, header["stream"], header["offset"] + len(payload[0]))
+            extend(job.output_ends, header["stream"], header["offset"] + len(payload[0]))
         for identity in list(job.subscribers):
             if not self._send(sock, identity, frames) and kind == bus.OUTPUT:
-                self.output_dropped(identity, job.job_id, header["stream"], header["offset"] + len(payload[0]))
-
-    def output_dropped(self, handler: bytes, job_id: str, stream: str, end: int) -> None:
-        peer = self.handlers.get(handler)
-        if peer is not None:
-            bus.note_dropped(peer.dropped, job_id, stream, end)
+                self.tell_output_ends(job, {identity})
 
     def to_executor(self, identity: bytes, kind: bytes, header: dict, face: zmq.Socket | None = None) -> bool:
         peer = self.executors.get(identity)
@@ -581,15 +580,15 @@ class Broker:
         if isinstance(ends, dict):
             for stream, end in ends.items():
                 if stream in protocol.STREAMS and isinstance(end, int):
-                    bus.extend(job.output_ends, stream, end)
+                    extend(job.output_ends, stream, end)
 
     def tell_output_ends(self, job: Job, handlers: set[bytes]) -> None:
         """Output of the job these handlers may not have had the live copy
-        of (it never came this way, or came before they followed the job):
-        they are told how far it goes, as if they had missed it themselves."""
-        for stream, end in job.output_ends.items():
-            for handler in handlers:
-                self.output_dropped(handler, job.job_id, stream, end)
+        of (dropped on the way, never sent this way, or sent before they
+        followed the job): their next heartbeat says how far it goes."""
+        for handler in handlers:
+            if (peer := self.handlers.get(handler)) is not None:
+                peer.behind.add(job.job_id)
 
     def fail_controls_sent_to(self, executor: bytes, why: str) -> None:
         """Controls an executor will never answer: the handlers hear why now,
@@ -899,8 +898,9 @@ class Broker:
                 self.lose_handler(identity, "heartbeat timeout")
             else:
                 header = self.with_addresses_elsewhere(stats, identity)
-                if peer.dropped:  # not kept should this send fail: such a handler is dead or frozen
-                    header, peer.dropped = {**header, "dropped": peer.dropped}, {}
+                if peer.behind:  # not kept should this send fail: such a handler is dead or frozen
+                    ends = {j: self.jobs[j].output_ends for j in peer.behind if j in self.jobs}
+                    header, peer.behind = {**header, "dropped": ends}, set()
                 self.to_handler(identity, bus.HEARTBEAT, header)
 
     @staticmethod

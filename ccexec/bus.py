@@ -52,7 +52,9 @@ STOPPING = b"STOPPING"    # {}: dispatch no more; answered with STOPPING, after 
 # --- both directions, both faces
 READY = b"READY"          # register: {role, pid, capacity, jobs, completed, node, labels} or {role, pid, jobs, connections}
 # executor {running, dropped?}, handler {connections}, broker -> handler: pool stats and dropped?, where
-# {job_id: {stream: end}} says how far output goes whose live copy was dropped since the last one
+# {job_id: {stream: end}} says how far the journals go of jobs whose output had a live copy dropped
+# since the last one (a full queue, a peer not yet connected): a handler reads the rest from there
+# even if the job then writes nothing for a long time
 HEARTBEAT = b"HEARTBEAT"
 REREGISTER = b"REREGISTER"  # broker to an unknown peer: send READY again
 
@@ -67,18 +69,6 @@ HIGH_WATER_MARK = 1000    # queued messages per peer before EAGAIN
 # reads slower makes the sender wait or drop (the journal has every byte),
 # never buffer in memory.
 DATA_HIGH_WATER_MARK = 16
-
-
-def note_dropped(dropped: dict[str, dict[str, int]], job_id: str, stream: str, end: int) -> None:
-    """Output up to `end` whose live copy was dropped on its way (a full
-    queue, a peer not yet connected): the journal has it, and the next
-    heartbeat says how far it goes, so that a handler reads it from there
-    even if the job then writes nothing for a long time."""
-    extend(dropped.setdefault(job_id, {}), stream, end)
-
-
-def extend(ends: dict[str, int], stream: str, end: int) -> None:
-    ends[stream] = max(ends.get(stream, 0), end)
 
 
 def pack(kind: bytes, header: dict, *payload: bytes) -> list[bytes]:

@@ -68,11 +68,15 @@ class RunningJob:
     quiet_until: float = 0.0  # loop time before which silence is no stall (a CLI retry wait)
     journal: JournalWriter | None = None
 
+    def journaled(self) -> dict[str, int]:
+        """How far each of its journal files goes."""
+        return dict(self.journal.sizes) if self.journal is not None else {}
+
     def describe(self) -> dict:
         """As a (re-)registering executor tells a broker of it, with how far
         its journal goes: what it wrote while no broker heard is read from there."""
         return {"job_id": self.job_id, "pid": self.pid, "pgid": self.pid, "started_at": self.started_at,
-                "spec": self.spec, "output": dict(self.journal.sizes) if self.journal is not None else {}}
+                "spec": self.spec, "output": self.journaled()}
 
 
 def daemon_environment() -> dict[str, str]:
@@ -248,7 +252,7 @@ class Executor:
         self.jobs: dict[str, RunningJob] = {}
         self.tasks: set[asyncio.Task] = set()
         self.unacked: dict[str, dict] = {}  # COMPLETED headers the broker has not acknowledged
-        self.dropped: dict[str, dict[str, int]] = {}  # bus.note_dropped: told with the next heartbeat
+        self.dropped: set[str] = set()  # jobs whose output had a send dropped: told with the next heartbeat
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="journal")
         self.broker_seen = time.monotonic()
         self.stopping = asyncio.Event()
@@ -273,15 +277,15 @@ class Executor:
             await self.send(bus.OUTPUT, header, data)
             return
         self.sock.send_multipart(bus.pack(bus.OUTPUT, header, data), zmq.NOBLOCK).add_done_callback(
-            functools.partial(self.output_sent, header["job_id"], header["stream"], header["offset"] + len(data)))
+            functools.partial(self.output_sent, header["job_id"]))
 
-    def output_sent(self, job_id: str, stream: str, end: int, sent: asyncio.Future) -> None:
+    def output_sent(self, job_id: str, sent: asyncio.Future) -> None:
         """zmq.asyncio reports a full queue on the send's future, not by raising:
         that chunk is dropped, as meant (the journal has it), and the next
-        heartbeat says how far the stream goes. Anything else is told."""
+        heartbeat says how far the job's journal goes. Anything else is told."""
         error = None if sent.cancelled() else sent.exception()
         if isinstance(error, zmq.Again):
-            bus.note_dropped(self.dropped, job_id, stream, end)
+            self.dropped.add(job_id)
         elif error is not None:
             logs.event(log, "executor.output_send_failed", logging.WARNING, error=error)
 
@@ -322,8 +326,9 @@ class Executor:
         while True:
             await asyncio.sleep(bus.HEARTBEAT_INTERVAL)
             header = {"running": len(self.jobs)}
-            if self.dropped:
-                header["dropped"], self.dropped = self.dropped, {}
+            if self.dropped:  # a job that ended since tells its sizes in its COMPLETED
+                header["dropped"] = {j: self.jobs[j].journaled() for j in self.dropped if j in self.jobs}
+                self.dropped = set()
             await self.send(bus.HEARTBEAT, header)
 
     async def watch_head(self) -> None:

@@ -183,8 +183,10 @@ class JobStream:
         self.streams[stream].offer(offset, data)
         self.wake.set()
 
-    def on_output_dropped(self, ends: dict) -> None:
+    def on_output_dropped(self, ends: object) -> None:
         """Live copies of output up to these ends were dropped: read from the journal."""
+        if not isinstance(ends, dict):
+            return
         for stream, end in ends.items():
             if stream in STREAMS and isinstance(end, int):
                 self.streams[stream].learn(end)
@@ -675,7 +677,7 @@ class Handler:
             self.stats_received.set()
             if isinstance(dropped, dict):
                 for job_id, ends in dropped.items():
-                    for job in list(self.followers.get(job_id, ()) if isinstance(ends, dict) else ()):
+                    for job in list(self.followers.get(job_id, ())):
                         job.on_output_dropped(ends)
         elif kind == bus.REREGISTER:
             self.register()
