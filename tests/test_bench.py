@@ -28,6 +28,8 @@ def test_benchmark_suite_quick_run_completes_with_exact_output(tmp_path):
             "W5 handshake under load", "W5 handshake, jobs spinning", "Idle default pool"} <= workloads
     stream_targets = {r["target"] for r in rows if r["workload"] == "W2 stream"}
     assert {"ccexec", "ccexec chunks", "raw", "ceiling, ccexec messages", "ceiling, bare lines"} <= stream_targets
+    idle_memory = {(r["metric"], r["target"]) for r in rows if r["workload"] == "Idle default pool"}
+    assert {(metric, target) for metric in ("RSS MiB", "PSS MiB") for target in ("ccexec", "library floor")} <= idle_memory
     assert all(r["median"] == 1.0 for r in rows if r["metric"] == "exact")
     assert all(r["median"] == 100.0 for r in rows if r["metric"] == "completed %")
     assert all(r["median"] > 0 for r in rows)

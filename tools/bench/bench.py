@@ -14,7 +14,9 @@ libraries could reach; W1 and W2), "raw" (the same command spawned with
 asyncio subprocess pipes, no network) and, for W2, two "ceilings"
 (tools/bench/wire_ceiling_server.py: the stream sent from memory, in ccexec's
 messages and in websocketd's bare lines: the most the same client can
-take in each wire format, whatever the server). W5 also probes ccexec while its own
+take in each wire format, whatever the server) and, for the idle pool, the
+"library floor" (tools/bench/library_floor.py: the same processes importing
+only the libraries ccexec's roles import). W5 also probes ccexec while its own
 jobs spin the CPU, at job_nice 0 and 5. Prints a Markdown table (median,
 min-max over the runs, ratios ccexec/baseline) and writes JSON. Servers
 bind 127.0.0.1 only; every loop is bounded; everything started is stopped.
@@ -43,6 +45,7 @@ import websockets
 ROOT = Path(__file__).resolve().parents[2]
 CCEXECD = str(Path(sys.executable).parent / "ccexecd")
 DONE = "__bench_done__"
+IDLE_SETTLE = 1.0  # seconds after start before an idle pool is measured
 JOB_TIMEOUT = 300  # seconds any one job of any workload may take: a server that stops answering fails the run
 OUTPUT_PREFIX = '{"jsonrpc":"2.0","method":"process.output"'
 COMPLETED_PREFIX = '{"jsonrpc":"2.0","method":"process.completed"'
@@ -111,24 +114,23 @@ class CcexecServer:
 
     def memory(self) -> tuple[int, int]:
         """Memory of the daemon's own processes (not its jobs): (RSS summed,
-        PSS summed). RSS counts the pages processes share (the interpreter,
-        libraries) once per process; PSS splits them, so its sum is what
-        the pool really holds. Blocking: call it in a thread."""
+        PSS summed). Blocking: call it in a thread."""
         try:
-            procs = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children()
-            infos = [p.memory_full_info() for p in procs]
-            return sum(m.rss for m in infos), sum(m.pss for m in infos)
+            return pool_memory([psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children())
         except psutil.Error:
             return 0, 0
 
-    def per_process(self) -> dict[str, float]:
-        rows = {}
+    def roles(self) -> dict[int, str]:
+        """The role of each of the daemon's own processes, by pid."""
+        roles = {}
         for p in [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children():
             cmd = p.cmdline()
-            name = cmd[3] if cmd[1:3] == ["-m", "ccexec"] else ("arbiter" if p.pid == self.proc.pid else "plugin")
-            key = f"{name}-{p.pid}"
-            rows[key] = round(p.memory_info().rss / 2**20, 1)
-        return rows
+            roles[p.pid] = cmd[3] if cmd[1:3] == ["-m", "ccexec"] else ("arbiter" if p.pid == self.proc.pid else "plugin")
+        return roles
+
+    def per_process(self) -> dict[str, float]:
+        return {f"{role}-{pid}": round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+                for pid, role in self.roles().items()}
 
     async def __aexit__(self, *exc: object) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -137,6 +139,51 @@ class CcexecServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         shutil.rmtree(self.state, ignore_errors=True)
+
+
+def pool_memory(procs: list[psutil.Process]) -> tuple[int, int]:
+    """(RSS summed, PSS summed) of these processes. RSS counts the pages
+    processes share (the interpreter, libraries) once per process; PSS
+    splits them, so its sum is what the pool really holds. Blocking."""
+    infos = [p.memory_full_info() for p in procs]
+    return sum(m.rss for m in infos), sum(m.pss for m in infos)
+
+
+class LibraryFloor:
+    """tools/bench/library_floor.py, one process per role given: a pool that
+    imports what ccexec's does from its libraries, and nothing of ccexec."""
+
+    def __init__(self, roles: list[str]):
+        self.roles = roles
+        self.procs: list[subprocess.Popen] = []
+
+    async def __aenter__(self) -> "LibraryFloor":
+        script = str(Path(__file__).with_name("library_floor.py"))
+        for role in self.roles:
+            self.procs.append(subprocess.Popen([sys.executable, script, role], stdin=subprocess.PIPE,
+                                               stdout=subprocess.PIPE, start_new_session=True))
+        try:
+            for proc in self.procs:
+                line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+                if line != b"ready\n":
+                    raise RuntimeError("library_floor.py did not start")
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    def memory(self) -> tuple[int, int]:
+        return pool_memory([psutil.Process(p.pid) for p in self.procs])
+
+    async def __aexit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            proc.stdin.close()  # its signal to exit
+        for proc in self.procs:
+            try:
+                await asyncio.to_thread(proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            proc.stdout.close()
 
 
 class WebsocketdServer:
@@ -560,12 +607,20 @@ async def probed_under_load(kind: str, stream_url: str, probe_url: str, command:
 async def idle(runs: int, res: Results, tmp: Path) -> None:
     for _ in range(runs):
         async with CcexecServer(tmp) as server:
-            await asyncio.sleep(1.0)  # settle after start: this measures the idle daemon
-            rss, pss = await asyncio.to_thread(server.memory)
-            record(res, "Idle default pool", "RSS MiB", "ccexec", rss / 2**20, "lower")
-            record(res, "Idle default pool", "PSS MiB", "ccexec", pss / 2**20, "lower")
+            await asyncio.sleep(IDLE_SETTLE)
+            record_memory(res, "ccexec", await asyncio.to_thread(server.memory))
             record(res, "Idle default pool", "ready s", "ccexec", server.ready_after, "lower")
             res.notes.append("idle RSS per process (MiB): " + json.dumps(server.per_process()))
+            roles = sorted(server.roles().values())
+        async with LibraryFloor(roles) as floor:
+            await asyncio.sleep(IDLE_SETTLE)
+            record_memory(res, "library floor", await asyncio.to_thread(floor.memory))
+
+
+def record_memory(res: Results, target: str, memory: tuple[int, int]) -> None:
+    rss, pss = memory
+    record(res, "Idle default pool", "RSS MiB", target, rss / 2**20, "lower")
+    record(res, "Idle default pool", "PSS MiB", target, pss / 2**20, "lower")
 
 
 # ------------------------------------------------------------------ report
