@@ -184,7 +184,8 @@ class PipeReader:
     async def readable(self) -> None:
         loop = asyncio.get_running_loop()
         ready = loop.create_future()
-        loop.add_reader(self.fd, ready.set_result, None)
+        # A readiness callback already queued may still run after a cancel.
+        loop.add_reader(self.fd, lambda: ready.done() or ready.set_result(None))
         try:
             await ready
         finally:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from ccexec.client import Client, RPCError, run as run_sync
-from ccexec.executor import Executor
+from ccexec.executor import Executor, PipeReader
 from ccexec.protocol import MAX_ARG_BYTES
 from support import async_test, detached_sleep, marked_running, pid_running, wait_for
 from wire import Wire
@@ -637,3 +637,47 @@ async def test_async_client_streams_events_and_controls(daemon):
 def test_sync_client_runs_a_command(daemon):
     result = run_sync("echo sync; exit 4", url=daemon.url, wait_timeout=20)
     assert (result.stdout, result.exit_code, result.status) == ("sync\n", 4, "failed")
+
+
+# ------------------------------------------------------------------ a job's output pipe, read
+
+
+@async_test(timeout=10)
+async def test_a_pipe_reader_waits_for_output_returns_it_and_then_the_end():
+    read_end, write_end = os.pipe()
+    reader = PipeReader(read_end)
+    try:
+        waiting = asyncio.ensure_future(reader.read(1024))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # nothing written yet
+        os.write(write_end, b"first\n")
+        assert await waiting == b"first\n"
+        os.write(write_end, b"second\n")
+        os.close(write_end)
+        assert await reader.read(1024) == b"second\n"
+        assert await reader.read(1024) == b""
+    finally:
+        reader.close()
+
+
+@async_test(timeout=10)
+async def test_a_cancelled_pipe_read_leaves_the_pipe_unwatched_and_its_output_unread():
+    loop = asyncio.get_running_loop()
+    errors = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    read_end, write_end = os.pipe()
+    reader = PipeReader(read_end)
+    try:
+        waiting = asyncio.ensure_future(reader.read(1024))
+        await asyncio.sleep(0.05)
+        os.write(write_end, b"late\n")
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await asyncio.sleep(0.05)  # loop turns with the pipe readable
+        assert not loop.remove_reader(read_end)  # nothing watches it any more
+        assert await reader.read(1024) == b"late\n"
+        assert errors == []
+    finally:
+        os.close(write_end)
+        reader.close()
