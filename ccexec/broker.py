@@ -577,10 +577,8 @@ class Broker:
     @staticmethod
     def learn_output_ends(job: Job, ends: object) -> None:
         """The job's journal goes this far: its executor says so."""
-        if isinstance(ends, dict):
-            for stream, end in ends.items():
-                if stream in protocol.STREAMS and isinstance(end, int):
-                    extend(job.output_ends, stream, end)
+        for stream, end in bus.output_ends(ends).items():
+            extend(job.output_ends, stream, end)
 
     def tell_output_ends(self, job: Job, handlers: set[bytes]) -> None:
         """Output of the job these handlers may not have had the live copy

@@ -23,7 +23,7 @@ import orjson
 import zmq
 
 from ccexec.journal import JOURNALS
-from ccexec.protocol import encode_bytes
+from ccexec.protocol import STREAMS, encode_bytes
 
 # --- handler -> broker
 SUBMIT = b"SUBMIT"        # {job_id, spec, conn, after, client}
@@ -140,6 +140,13 @@ def completed_flaw(header: dict[str, Any]) -> str | None:
         if isinstance(value, bool) or not isinstance(value, kinds):  # a bool is an int to Python
             return f"{name!r} is not {what}"
     return None
+
+
+def output_ends(ends: object) -> dict[str, int]:
+    """The {stream: end} of a `dropped` note or a job's `output`, what of it is sound."""
+    if not isinstance(ends, dict):
+        return {}
+    return {stream: end for stream, end in ends.items() if stream in STREAMS and isinstance(end, int)}
 
 
 def header_field(header: dict[str, Any], name: str, kind: type) -> Any:

@@ -185,11 +185,8 @@ class JobStream:
 
     def on_output_dropped(self, ends: object) -> None:
         """Live copies of output up to these ends were dropped: read from the journal."""
-        if not isinstance(ends, dict):
-            return
-        for stream, end in ends.items():
-            if stream in STREAMS and isinstance(end, int):
-                self.streams[stream].learn(end)
+        for stream, end in bus.output_ends(ends).items():
+            self.streams[stream].learn(end)
         self.wake.set()
 
     def on_control(self, status: str) -> None:

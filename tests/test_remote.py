@@ -346,6 +346,12 @@ def test_a_report_of_a_jobs_end_is_checked_field_by_field():
     assert bus.completed_flaw({k: v for k, v in good.items() if k != "reason"}) == "'reason' is not a string"
 
 
+def test_how_far_a_jobs_output_goes_keeps_only_its_output_streams_and_integer_ends():
+    assert bus.output_ends({"stdout": 10, "stderr": 0}) == {"stdout": 10, "stderr": 0}
+    assert bus.output_ends({"stdout": "10", "claude": 5, "stderr": 3}) == {"stderr": 3}
+    assert bus.output_ends(["stdout", 10]) == {} and bus.output_ends(None) == {}
+
+
 @contextlib.contextmanager
 def _raw_node(keys: dict, endpoint: str, identity: bytes):
     """A raw ZeroMQ peer on the head's remote face, with the node's key: it
